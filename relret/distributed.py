@@ -1,0 +1,177 @@
+"""Process-group set-up and the collectives the losses and evaluation need.
+
+One `init_distributed()` / `cleanup_distributed()` pair. The world is read from RANK / WORLD_SIZE / LOCAL_RANK
+(deepspeed, torchrun, or set per process) or, inside an `srun` step, from SLURM_PROCID / SLURM_STEP_NUM_TASKS /
+SLURM_LOCALID. With neither, the world is one process and no process group is created; every function here then
+works unchanged (gathers return their input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the world."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    source: str = "single"
+    """"torch" (RANK/WORLD_SIZE/LOCAL_RANK), "slurm" (an srun step) or "single" (no launcher)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(env: dict[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def read_world(env: dict[str, str] | None = None) -> DistInfo:
+    """The world as the environment describes it; a half-set environment is refused."""
+    env = dict(os.environ if env is None else env)
+    present = [v for v in _TORCH_VARS if v in env]
+    if present:
+        missing = [v for v in _TORCH_VARS if v not in env]
+        # A launcher that sets RANK and WORLD_SIZE but not LOCAL_RANK (some mpirun set-ups) is still unambiguous on
+        # one node; anything else is a half-set environment that would silently train on a subset of the data.
+        if missing == ["LOCAL_RANK"] and env.get("WORLD_SIZE") == "1":
+            missing = []
+            env["LOCAL_RANK"] = "0"
+        if missing:
+            raise RuntimeError(
+                f"half-set distributed environment: {', '.join(present)} set but {', '.join(missing)} missing; "
+                "launch with `deepspeed`, `torchrun` or `srun`, or unset them to run a single process"
+            )
+        info = DistInfo(_int_env(env, "RANK"), _int_env(env, "LOCAL_RANK"), _int_env(env, "WORLD_SIZE"), "torch")
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        missing = [v for v in _SLURM_VARS if v not in env]
+        if missing:
+            raise RuntimeError(f"SLURM step environment lacks {', '.join(missing)}")
+        info = DistInfo(
+            _int_env(env, "SLURM_PROCID"),
+            _int_env(env, "SLURM_LOCALID"),
+            _int_env(env, "SLURM_STEP_NUM_TASKS"),
+            "slurm",
+        )
+    else:
+        return DistInfo()
+    if not (info.world_size >= 1 and 0 <= info.rank < info.world_size and info.local_rank >= 0):
+        raise RuntimeError(f"inconsistent distributed environment: {info}")
+    return info
+
+
+def _slurm_master_addr(env: dict[str, str]) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise RuntimeError("MASTER_ADDR is not set and no SLURM node list is available to derive it from")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Create the default process group when the world has more than one process; return this process's place.
+
+    The backend defaults to nccl where CUDA is available and gloo otherwise. RANK / WORLD_SIZE / LOCAL_RANK are
+    exported (also when derived from SLURM) so that DeepSpeed finds the same world.
+    """
+    info = read_world()
+    if info.world_size == 1 or (dist.is_available() and dist.is_initialized()):
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
+        return info
+    env = os.environ
+    env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    if "MASTER_ADDR" not in env:
+        if info.source != "slurm":
+            raise RuntimeError("MASTER_ADDR is not set; the launcher (deepspeed, torchrun) normally sets it")
+        env["MASTER_ADDR"] = _slurm_master_addr(dict(env))
+    if "MASTER_PORT" not in env:
+        if info.source != "slurm":
+            raise RuntimeError("MASTER_PORT is not set; the launcher (deepspeed, torchrun) normally sets it")
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return info
+
+
+def cleanup_distributed() -> None:
+    """Destroy the default process group if one exists (safe to call always, e.g. in `finally`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: object, **kwargs) -> None:
+    """print() on rank 0 only, flushed (logs of several ranks are interleaved by the launcher)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def gather_sizes(n_local: int, device: torch.device | None = None) -> list[int]:
+    """The first-dimension size on every rank."""
+    if get_world_size() == 1:
+        return [n_local]
+    t = torch.tensor([n_local], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[0] == n:
+        return x
+    pad = x.new_zeros((n - x.shape[0], *x.shape[1:]))
+    return torch.cat([x, pad], dim=0)
+
+
+def all_gather_cat(x: torch.Tensor, with_grad: bool, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate `x` [n_r, ...] from every rank in rank order -> [sum n_r, ...]; ranks may hold different n_r.
+
+    with_grad=True: autograd-aware; the backward sums every rank's gradient into the local slice, so gradients are
+    exact. with_grad=False: the other ranks' slices carry no gradient; the local slice is `x` itself and keeps its.
+    """
+    world = get_world_size()
+    if world == 1:
+        return x
+    sizes = gather_sizes(x.shape[0], x.device) if sizes is None else sizes
+    padded = _pad_rows(x, max(sizes))
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather as autograd_all_gather
+
+        parts = list(autograd_all_gather(padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.detach().contiguous())
+        parts[get_rank()] = padded
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
