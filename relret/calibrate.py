@@ -1,0 +1,245 @@
+"""`python -m relret calibrate`: fit the relevance function's constants to crowdsourced ratings.
+
+The paper's g = 1/(1+exp(2.73 - 4.58 h)) was fitted for all-mpnet-base-v2; the constants do not carry over to other
+Sentence-BERT models. This fits (a, b) by beta regression with a logit link (statsmodels' BetaModel) of
+y = rating/100, squeezed into (0, 1) as (y (n-1) + 0.5) / n (Smithson & Verkuilen), on h = mean cosine similarity
+between the query caption and the rated clip's captions, the query's own caption left out. logit(mu) = c0 + c1 h,
+so a = -c0 and b = c1.
+
+    python -m relret calibrate --ratings ../shared/data/relevance_ratings/development_relevances_joined.csv \
+        --captions ../shared/data/clotho/clotho_captions_development.csv --out calibration.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from relret.relevance import PAPER_A, PAPER_B
+
+RATING_COLUMNS = ("query_text", "query_source_file", "file_name", "rating")
+RATING_SCALE = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rating:
+    """One crowdsourced judgement: how well clip `file_name` matches `query_text` (a caption of `query_file`)."""
+
+    split: str
+    query_text: str
+    query_file: str
+    file_name: str
+    rating: float
+
+
+def read_ratings(path: str | Path) -> list[Rating]:
+    """Rows of a joined ratings CSV (`split,tid,query_text,query_source_file,fid,file_name,fid_group,rating`)."""
+    path = Path(path)
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in RATING_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path}: ratings CSV lacks column(s) {', '.join(missing)}; expected at least {', '.join(RATING_COLUMNS)} "
+                f"(found {', '.join(reader.fieldnames or []) or 'no header'})"
+            )
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                rating = float(row["rating"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{line}: rating {row['rating']!r} is not a number") from None
+            if not 0 <= rating <= RATING_SCALE:
+                raise ValueError(f"{path}:{line}: rating {rating} is outside [0, {RATING_SCALE:g}]")
+            rows.append(
+                Rating(
+                    row.get("split") or path.stem, row["query_text"], row["query_source_file"], row["file_name"], rating
+                )
+            )
+    if not rows:
+        raise ValueError(f"{path}: no ratings")
+    return rows
+
+
+def read_caption_table(path: str | Path) -> dict[str, list[str]]:
+    """file_name -> captions, from a CSV with a `file_name` column and `caption_1..caption_k` columns (Clotho)."""
+    path = Path(path)
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        caption_cols = [c for c in fields if c.startswith("caption_")]
+        if "file_name" not in fields or not caption_cols:
+            raise ValueError(
+                f"{path}: expected columns file_name,caption_1..caption_5 (Clotho), found {', '.join(fields)}"
+            )
+        return {row["file_name"]: [row[c] for c in caption_cols if row[c]] for row in reader}
+
+
+def query_clip_similarity(ratings: Sequence[Rating], captions: dict[str, list[str]], embed) -> tuple[np.ndarray, int]:
+    """h per rating: mean cosine between the query and the rated clip's captions, the query's own caption left out.
+
+    `embed(texts) -> [n, D]` unit-norm embeddings. The ratings were collected on an earlier revision of Clotho's
+    captions, so a query is sometimes not verbatim among its own clip's captions (a typo fixed since); the caption
+    nearest to it is then the one left out. Returns h and how many queries were matched that way.
+    """
+    missing = sorted({r.file_name for r in ratings if r.file_name not in captions})
+    if missing:
+        raise ValueError(
+            f"{len(missing)} rated clip(s) have no captions in the given captions file(s), e.g. {missing[:3]}; "
+            "pass the Clotho captions CSV of every split the ratings come from"
+        )
+    texts = sorted({r.query_text for r in ratings} | {c for r in ratings for c in captions[r.file_name]})
+    index = {t: i for i, t in enumerate(texts)}
+    emb = np.asarray(embed(texts), dtype=np.float64)
+    h = np.empty(len(ratings))
+    approximate: set[str] = set()
+    for i, r in enumerate(ratings):
+        clip_caps = list(captions[r.file_name])
+        sims = emb[[index[c] for c in clip_caps]] @ emb[index[r.query_text]]
+        if r.file_name == r.query_file:
+            if len(clip_caps) < 2:
+                raise ValueError(f"clip {r.file_name} has no caption left once its query caption is left out")
+            own = clip_caps.index(r.query_text) if r.query_text in clip_caps else int(np.argmax(sims))
+            if r.query_text not in clip_caps:
+                approximate.add(r.query_text)
+            sims = np.delete(sims, own)
+        h[i] = float(np.mean(sims))
+    return h, len(approximate)
+
+
+def squeeze(y: np.ndarray) -> np.ndarray:
+    """(y (n-1) + 0.5) / n: maps [0, 1] into (0, 1) so the beta likelihood is finite."""
+    n = len(y)
+    return (y * (n - 1) + 0.5) / n
+
+
+def fit_beta_regression(h: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Beta regression with logit link of squeezed y on h; returns a, b, precision, log-likelihood and n."""
+    import statsmodels.api as sm
+    from statsmodels.othermod.betareg import BetaModel
+
+    exog = sm.add_constant(np.asarray(h, dtype=np.float64), has_constant="add")
+    result = BetaModel(squeeze(np.asarray(y, dtype=np.float64)), exog).fit(disp=False)
+    c0, c1, log_precision = (float(v) for v in result.params)
+    se = np.sqrt(np.diag(result.cov_params()))
+    return {
+        "a": -c0,
+        "b": c1,
+        "a_se": float(se[0]),
+        "b_se": float(se[1]),
+        "precision": math.exp(log_precision),
+        "log_likelihood": float(result.llf),
+        "n": len(h),
+    }
+
+
+def fit_quality(h: np.ndarray, y: np.ndarray, a: float, b: float) -> dict[str, float]:
+    """How well g = logistic(h; a, b) matches y = rating / 100."""
+    from scipy.stats import pearsonr, spearmanr
+
+    g = 1.0 / (1.0 + np.exp(a - b * h))
+    return {
+        "n": len(h),
+        "spearman_h_rating": float(spearmanr(h, y).statistic),
+        "pearson_g_rating": float(pearsonr(g, y).statistic),
+        "mae": float(np.mean(np.abs(g - y))),
+        "rmse": float(np.sqrt(np.mean((g - y) ** 2))),
+    }
+
+
+def calibrate(
+    ratings_paths: Sequence[str | Path],
+    captions_paths: Sequence[str | Path],
+    sbert_path: str | None = None,
+    embed=None,
+) -> dict:
+    """Fit (a, b) on all given ratings; report fit quality per split for the fit and for the paper's constants."""
+    from relret import sbert
+
+    ratings = [r for p in ratings_paths for r in read_ratings(p)]
+    captions: dict[str, list[str]] = {}
+    for p in captions_paths:
+        captions.update(read_caption_table(p))
+    if embed is None:
+
+        def embed(texts):  # the model is loaded only once the inputs have been checked
+            return sbert.embed_captions(sbert.load_sbert(sbert_path), texts)
+
+    h, n_approximate = query_clip_similarity(ratings, captions, embed)
+    y = np.array([r.rating / RATING_SCALE for r in ratings])
+    fit = fit_beta_regression(h, y)
+    splits = sorted({r.split for r in ratings})
+    quality = {}
+    for split in [*splits, "all"] if len(splits) > 1 else splits:
+        sel = np.array([split in ("all", r.split) for r in ratings])
+        quality[split] = {
+            "fitted": fit_quality(h[sel], y[sel], fit["a"], fit["b"]),
+            "paper": fit_quality(h[sel], y[sel], PAPER_A, PAPER_B),
+        }
+    return {
+        "a": round(fit["a"], 6),
+        "b": round(fit["b"], 6),
+        "sbert": sbert.model_name(sbert_path),
+        "similarity": "mean cosine to the clip's captions, the query's own caption left out",
+        "queries_matched_to_a_revised_caption": n_approximate,
+        "fit": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fit.items()},
+        "ratings": [str(p) for p in ratings_paths],
+        "quality": quality,
+    }
+
+
+def write_yaml_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_report(result: dict) -> str:
+    lines = [
+        f"Sentence-BERT model: {result['sbert']}",
+        f"fitted a = {result['a']:.3f} (se {result['fit']['a_se']:.3f}), b = {result['b']:.3f} "
+        f"(se {result['fit']['b_se']:.3f}), precision {result['fit']['precision']:.2f}, n = {result['fit']['n']}",
+        f"paper  a = {PAPER_A}, b = {PAPER_B}",
+        f"queries whose own caption was revised since the ratings (nearest caption left out): "
+        f"{result['queries_matched_to_a_revised_caption']}",
+        f"{'split':<12} {'constants':<9} {'n':>5} {'spearman(h,r)':>14} {'pearson(g,r)':>13} {'MAE':>7} {'RMSE':>7}",
+    ]
+    for split, q in result["quality"].items():
+        for which in ("fitted", "paper"):
+            m = q[which]
+            lines.append(
+                f"{split:<12} {which:<9} {m['n']:>5} {m['spearman_h_rating']:>14.3f} {m['pearson_g_rating']:>13.3f} "
+                f"{m['mae']:>7.3f} {m['rmse']:>7.3f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relret calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ratings", nargs="+", required=True, help="joined ratings CSV(s) (relevance_ratings/*_joined.csv)"
+    )
+    parser.add_argument("--captions", nargs="+", required=True, help="Clotho captions CSV(s) of the rated splits")
+    parser.add_argument("--sbert", default=None, help="local Sentence-BERT model directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--out", required=True, help="YAML to write (top-level a, b), usable as relevance.calibration")
+    args = parser.parse_args(argv)
+    try:
+        result = calibrate(args.ratings, args.captions, args.sbert)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"calibrate: {exc}", file=sys.stderr)
+        return 2
+    write_yaml_atomic(args.out, result)
+    print(format_report(result))
+    print(f"wrote {args.out}; use it with `loss.relevance.calibration={args.out}`")
+    return 0

