@@ -1,0 +1,1 @@
+"""SLURM orchestration: submits, chains and resumes the stages; it does not import training internals."""

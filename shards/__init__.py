@@ -1,0 +1,1 @@
+"""Ray preprocessing: Clotho, AudioCaps and WavCaps into WebDataset shards (format: relret/shard_format.py)."""
