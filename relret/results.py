@@ -1,0 +1,221 @@
+"""Evaluation results: one run's metrics with per-query values, aggregation over seeds, Table II, paired t-tests.
+
+An `EvalResult` is what `python -m relret evaluate` writes for one checkpoint on one evaluation set:
+
+- text-to-audio: every caption is a query; its clip is the one relevant item (query id `{clip_id}:{caption_index}`);
+- audio-to-text: every clip is a query; its captions are the relevant items (query id `{clip_id}`).
+
+Metrics come from `relret.metrics` (one implementation). Several runs of a method (seeds) are summarised as
+mean ± sd (sample sd, ddof=1) and laid out like the paper's Table II: methods as rows, the two directions as column
+groups. `paired_ttest` compares two runs on per-query AP@10 (scipy's ttest_rel), as the paper reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from relret.metrics import per_query_metrics_from_embeddings, summarize
+
+DIRECTIONS = ("t2a", "a2t")
+DIRECTION_TITLES = {"t2a": "Text-to-audio", "a2t": "Audio-to-text"}
+TABLE_METRICS = {"t2a": ("mAP@10", "R@1", "R@5", "R@10"), "a2t": ("mAP@10", "R@1", "R@5", "R@10", "hit@1", "hit@10")}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics of one model on one evaluation set, with per-query values for significance tests."""
+
+    metrics: dict[str, dict[str, float]]
+    """direction -> metric name -> value (fractions)."""
+    per_query: dict[str, dict[str, list[float]]]
+    """direction -> per-query metric name (AP@10, R@1, ...) -> values in the order of `query_ids`."""
+    query_ids: dict[str, list[str]]
+    """direction -> query ids (t2a: "{clip_id}:{caption_index}", a2t: "{clip_id}")."""
+    info: dict[str, object] = dataclasses.field(default_factory=dict)
+    """Where it came from: checkpoint, shards, counts, config."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eval.json"
+        if not path.is_file():
+            raise ValueError(f"no evaluation result at {path}; run `python -m relret evaluate` first")
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a relret evaluation result: {exc}") from exc
+
+
+def evaluate_embeddings(
+    audio_emb: np.ndarray,
+    audio_clip_ids: Sequence[int],
+    text_emb: np.ndarray,
+    text_clip_ids: Sequence[int],
+    text_caption_index: Sequence[int] | None = None,
+    info: Mapping[str, object] | None = None,
+) -> EvalResult:
+    """Both directions from unit-norm audio embeddings [N, E] (one per clip) and text embeddings [M, E] (one per
+    caption, `text_clip_ids[m]` naming its clip). Scores are cosine similarities (dot products of unit vectors)."""
+    audio_ids = np.asarray(audio_clip_ids, dtype=np.int64)
+    text_ids = np.asarray(text_clip_ids, dtype=np.int64)
+    if len(np.unique(audio_ids)) != len(audio_ids):
+        raise ValueError("audio_clip_ids must be unique: one embedding per clip")
+    missing = np.setdiff1d(text_ids, audio_ids)
+    if len(missing):
+        raise ValueError(f"{len(missing)} caption(s) belong to clips without audio embeddings, e.g. clip {missing[0]}")
+    if text_caption_index is None:
+        text_caption_index = _caption_index(text_ids)
+    per_query = {
+        "t2a": per_query_metrics_from_embeddings(text_emb, audio_emb, text_ids, audio_ids),
+        "a2t": per_query_metrics_from_embeddings(audio_emb, text_emb, audio_ids, text_ids),
+    }
+    return EvalResult(
+        metrics={d: summarize(per_query[d]) for d in DIRECTIONS},
+        per_query={d: {k: v.tolist() for k, v in per_query[d].items()} for d in DIRECTIONS},
+        query_ids={
+            "t2a": [f"{c}:{i}" for c, i in zip(text_ids.tolist(), list(text_caption_index))],
+            "a2t": [str(c) for c in audio_ids.tolist()],
+        },
+        info=dict(info or {}, n_clips=len(audio_ids), n_captions=len(text_ids)),
+    )
+
+
+def _caption_index(text_ids: np.ndarray) -> list[int]:
+    seen: dict[int, int] = {}
+    out = []
+    for c in text_ids.tolist():
+        out.append(seen.get(c, 0))
+        seen[c] = out[-1] + 1
+    return out
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single run)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarize_runs(runs: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """direction -> metric -> {"mean", "sd", "n"} over the runs."""
+    if not runs:
+        raise ValueError("no runs to summarise")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for d in DIRECTIONS:
+        out[d] = {}
+        for m in runs[0].metrics[d]:
+            mean, sd = mean_sd([r.metrics[d][m] for r in runs])
+            out[d][m] = {"mean": mean, "sd": sd, "n": len(runs)}
+    return out
+
+
+def table2(methods: Mapping[str, Sequence[EvalResult]], percent: bool = True) -> dict[str, object]:
+    """The Table II layout as data: {"columns": {direction: [metric...]}, "rows": {method: summary}}."""
+    return {
+        "columns": {d: list(TABLE_METRICS[d]) for d in DIRECTIONS},
+        "rows": {name: summarize_runs(runs) for name, runs in methods.items()},
+        "units": "percent" if percent else "fraction",
+    }
+
+
+def _cell(stat: Mapping[str, float], percent: bool) -> str:
+    scale = 100.0 if percent else 1.0
+    if stat["n"] > 1:
+        return f"{stat['mean'] * scale:.2f} ± {stat['sd'] * scale:.2f}"
+    return f"{stat['mean'] * scale:.2f}"
+
+
+def format_table2(methods: Mapping[str, Sequence[EvalResult]], percent: bool = True) -> str:
+    """Markdown: methods as rows, text-to-audio and audio-to-text as column groups, mean ± sd over runs."""
+    data = table2(methods, percent)
+    header1 = ["Method", "runs"]
+    header2 = ["", ""]
+    for d in DIRECTIONS:
+        cols = TABLE_METRICS[d]
+        header1 += [DIRECTION_TITLES[d]] + [""] * (len(cols) - 1)
+        header2 += list(cols)
+    lines = ["| " + " | ".join(header1) + " |", "|" + "---|" * len(header1), "| " + " | ".join(header2) + " |"]
+    for name, summary in data["rows"].items():
+        n = next(iter(summary["t2a"].values()))["n"]
+        cells = [name, str(n)] + [_cell(summary[d][m], percent) for d in DIRECTIONS for m in TABLE_METRICS[d]]
+        lines.append("| " + " | ".join(cells) + " |")
+    unit = "%" if percent else "fractions"
+    lines.append("")
+    lines.append(
+        f"Values in {unit}, mean ± sd over runs. R@k: relevant items in the top k / relevant items (DCASE; "
+        "audio-to-text R@1 is at most 1/captions per clip). hit@k: any relevant caption in the top k "
+        "(the CLAP/WavCaps convention for audio-to-text)."
+    )
+    return "\n".join(lines)
+
+
+def paired_ttest(a: EvalResult, b: EvalResult, direction: str = "t2a", metric: str = "AP@10") -> dict[str, float]:
+    """Paired t-test of per-query `metric` between runs a and b over the same queries (scipy.stats.ttest_rel)."""
+    from scipy.stats import ttest_rel
+
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+    ids_a, ids_b = a.query_ids[direction], b.query_ids[direction]
+    if sorted(ids_a) != sorted(ids_b):
+        raise ValueError(
+            f"the two runs were evaluated on different {direction} queries ({len(ids_a)} vs {len(ids_b)}); "
+            "evaluate both on the same shards"
+        )
+    if metric not in a.per_query[direction]:
+        raise ValueError(f"no per-query {metric!r}; available: {', '.join(a.per_query[direction])}")
+    order_b = {q: i for i, q in enumerate(ids_b)}
+    va = np.asarray(a.per_query[direction][metric])
+    vb = np.asarray(b.per_query[direction][metric])[[order_b[q] for q in ids_a]]
+    diff = va - vb
+    if np.allclose(diff, 0):
+        t, p = 0.0, 1.0  # identical rankings: no evidence of a difference (scipy would return nan)
+    else:
+        res = ttest_rel(va, vb)
+        t, p = float(res.statistic), float(res.pvalue)
+    return {
+        "direction": direction,
+        "metric": metric,
+        "n": len(va),
+        "mean_a": float(va.mean()),
+        "mean_b": float(vb.mean()),
+        "mean_diff": float(diff.mean()),
+        "t": t,
+        "p": p,
+    }
+
+
+def format_ttest(name_a: str, name_b: str, res: Mapping[str, float]) -> str:
+    verdict = "significant at 0.05" if res["p"] < 0.05 else "not significant at 0.05"
+    return (
+        f"{name_a} vs {name_b}, {DIRECTION_TITLES[res['direction']]} per-query {res['metric']} over {res['n']} queries: "
+        f"{res['mean_a']:.4f} vs {res['mean_b']:.4f} (diff {res['mean_diff']:+.4f}), paired t = {res['t']:.3f}, "
+        f"p = {res['p']:.3g} ({verdict})"
+    )
+
+
+def dcase_submission_rows(
+    text_emb: np.ndarray, captions: Sequence[str], audio_emb: np.ndarray, file_names: Sequence[str], k: int = 10
+) -> list[list[str]]:
+    """Rows `caption, file_name_1..file_name_k` of the DCASE text-to-audio submission file (ties by lower index)."""
+    import torch
+
+    from relret.metrics import topk_indices
+
+    if len(file_names) < k:
+        raise ValueError(f"the DCASE file lists {k} clips per caption but only {len(file_names)} clips were embedded")
+    rows = []
+    audio = torch.as_tensor(audio_emb)
+    text = torch.as_tensor(text_emb)
+    for start in range(0, len(captions), 1024):
+        idx = topk_indices(text[start : start + 1024] @ audio.T, k)
+        for caption, ranked in zip(captions[start : start + 1024], idx.tolist()):
+            rows.append([caption] + [file_names[j] for j in ranked])
+    return rows
