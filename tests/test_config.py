@@ -37,6 +37,16 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     assert cfg.path is None
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    """`lr: 2e-5` (a string to PyYAML, which wants 2.0e-5) is read as the number it means, in files and overrides."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2e-5\n")
+    assert load_config(_Outer, path).lr == 2e-5
+    assert load_config(_Outer, None, ["lr=-3E+2"]).lr == -300.0
+    with pytest.raises(ConfigError, match=r"steps: expected an integer, got '1e3'"):
+        load_config(_Outer, None, ["steps=1e3"])
+
+
 def test_round_trip_through_yaml(tmp_path):
     """A resolved config dumped to YAML loads back equal."""
     cfg = load_config(_Outer, None, ["loss.direction=both", "inner.size=base"])
