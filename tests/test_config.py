@@ -12,6 +12,7 @@ class _Inner:
 
     size: Literal["tiny", "base"] = "tiny"
     dims: tuple[int, ...] = (1, 2)
+    pair: tuple[float, str] = (0.5, "a")
 
 
 @dataclasses.dataclass
@@ -45,6 +46,19 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(_Outer, None, ["lr=-3E+2"]).lr == -300.0
     with pytest.raises(ConfigError, match=r"steps: expected an integer, got '1e3'"):
         load_config(_Outer, None, ["steps=1e3"])
+
+
+def test_fixed_length_tuple(tmp_path):
+    """A tuple[float, str] field converts each item with its own type, also when read back from a dumped YAML."""
+    cfg = load_config(_Outer, None, ["inner.pair=[1, b]"])
+    assert cfg.inner.pair == (1.0, "b") and isinstance(cfg.inner.pair[0], float)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(_Outer, path).inner.pair == (1.0, "b")
+    with pytest.raises(ConfigError, match=r"inner\.pair\[1\]: expected a string, got 2"):
+        load_config(_Outer, None, ["inner.pair=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"inner\.pair: expected 2 items, got 3"):
+        load_config(_Outer, None, ["inner.pair=[1, a, b]"])
 
 
 def test_round_trip_through_yaml(tmp_path):
