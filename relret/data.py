@@ -16,8 +16,8 @@ and a resumed run skips exactly that many raw samples per worker (reading but no
 with the batches an uninterrupted run would have produced (same world size and worker count required; otherwise
 the epoch's remaining steps start a fresh stream and a warning says so).
 
-Damaged data does not stop training: a shard that cannot be read to its end (truncated, corrupt) and a sample that
-does not decode are skipped with a warning and counted; the counts travel with the batches to the training loop.
+Damaged data does not stop training: a shard that cannot be read to its end (truncated, corrupt) or holds fewer
+samples than its manifest lists, and a sample that does not decode, are skipped with a warning and counted; the counts travel with the batches to the training loop.
 
 Batch (dict): audio [B, T] float32 zero-padded, audio_len [B] valid samples, captions list[str], caption_sbert
 [B, D] float32, clip_sbert [B, C, D] float32 and caption_mask [B, C] bool (all captions, C = max_captions),
@@ -240,8 +240,15 @@ class DamageCounter:
         return True
 
 
-def _raw_samples(positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter) -> Iterator[dict]:
-    """Raw samples (member -> bytes) of each drawn shard, tagged with (position, index in shard)."""
+class ShardTooShort(ValueError):
+    """A shard ended cleanly but holds fewer samples than its manifest lists (cut at a tar block boundary)."""
+
+
+def _raw_samples(
+    positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter, expected: dict[str, int]
+) -> Iterator[dict]:
+    """Raw samples (member -> bytes) of each drawn shard, tagged with (position, index in shard). A shard that
+    raises while being read, or holds fewer samples than `expected` (its manifest count), counts as damaged."""
     import webdataset as wds
 
     empty_in_a_row = 0
@@ -251,6 +258,8 @@ def _raw_samples(positioned_urls: Iterator[tuple[int, str]], damage: DamageCount
         for index, sample in enumerate(wds.tarfile_to_samples(handler=damage)([{"url": url}])):
             sample["__pos__"] = (position, index)
             yield sample
+        if not damage.flagged and index + 1 < expected.get(url, 0):
+            damage(ShardTooShort(f"{index + 1} samples where the manifest lists {expected[url]}"))
         if damage.flagged:
             damage.count += 1
         empty_in_a_row = empty_in_a_row + 1 if index < 0 else 0
@@ -353,6 +362,7 @@ class TrainStream(IterableDataset):
         """`batches`: micro-batches this rank takes this epoch; `start`: positions per worker to resume from."""
         super().__init__()
         self.urls, self.probs = shard_probabilities(sets)
+        self.expected = {u: n for s in sets for u, n in zip(s.urls, s.samples)}
         self.cfg = cfg
         self.epoch_seed = epoch_seed(seed, epoch)
         self.rank, self.world_size = rank, world_size
@@ -392,7 +402,7 @@ class TrainStream(IterableDataset):
         shards = islice(shard_sequence(self.urls, self.probs, self.epoch_seed), stream, None, n_streams)
         shuffle_rng = random.Random(epoch_seed(self.epoch_seed, stream))
         raw = wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=shuffle_rng)(
-            _raw_samples(shards, shard_damage)
+            _raw_samples(shards, shard_damage, self.expected)
         )
         raw_pos = pos.raw_pos
         for _ in islice(raw, raw_pos):  # resume: read past what the interrupted run consumed, without decoding
@@ -428,6 +438,7 @@ class ValStream(IterableDataset):
     def __init__(self, sets: Sequence[ShardSet], cfg: DataConfig, rank: int, world_size: int) -> None:
         super().__init__()
         self.urls = [u for s in sets for u in s.urls]
+        self.expected = {u: n for s in sets for u, n in zip(s.urls, s.samples)}
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.crop_samples = int(round(cfg.val_crop_s * shard_format.SAMPLE_RATE_HZ))
@@ -438,7 +449,7 @@ class ValStream(IterableDataset):
         urls = self.urls[self.rank :: self.world_size][worker::num_workers]
         damage = DamageCounter("damaged validation shard data")
         clips: list[_Clip] = []
-        for raw in _raw_samples(enumerate(urls), damage):
+        for raw in _raw_samples(enumerate(urls), damage, self.expected):
             try:
                 sample = _decode(raw, self.cfg.sbert_dim)
             except Exception as exn:
@@ -499,7 +510,7 @@ def steps_per_epoch(samples_per_epoch: int, global_batch_size: int) -> int:
     steps = samples_per_epoch // global_batch_size
     if steps < 1:
         raise ConfigError(
-            f"data.samples_per_epoch={samples_per_epoch} is smaller than train.global_batch_size={global_batch_size}: "
-            "an epoch would have no step"
+            f"an epoch of {samples_per_epoch} samples (data.samples_per_epoch, or the training manifests' total) is "
+            f"smaller than train.global_batch_size={global_batch_size}: it would have no step"
         )
     return steps

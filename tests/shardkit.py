@@ -86,7 +86,8 @@ def write_shard_dir(
                 kind = kinds[i % len(kinds)]
                 duration = float(durations_s[i % len(durations_s)])
                 n_cap = 1 + i % max_captions
-                captions = [CLASSES[kind][(i + j) % len(CLASSES[kind])] for j in range(n_cap)]
+                # the take number makes every caption unique: tied scores would make metrics depend on item order
+                captions = [f"{CLASSES[kind][(i + j) % len(CLASSES[kind])]} take {i}" for j in range(n_cap)]
                 noise = 0.3 / np.sqrt(sbert_dim)  # captions of one class: cosine about 0.9
                 sbert = np.stack([vectors[kind] + noise * rng.standard_normal(sbert_dim) for _ in captions])
                 sbert /= np.linalg.norm(sbert, axis=1, keepdims=True)

@@ -152,6 +152,19 @@ def test_resumed_stream_continues_where_the_checkpoint_was(corpus):
         np.testing.assert_array_equal(a["audio"].numpy(), b["audio"].numpy())
 
 
+def test_shard_cut_at_a_block_boundary_counts_as_damaged(tmp_path, capfd):
+    """A shard cut between samples is a valid, shorter tar: its manifest count gives it away, and it is counted."""
+    write_shard_dir(tmp_path / "a", n_clips=8, per_shard=4, seed=3)
+    shard = tmp_path / "a" / "synth-train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = members[len(shard_format.MEMBERS)].offset  # the header of the second sample's first member
+    shard.write_bytes(shard.read_bytes()[:cut])
+    batches = _epoch(_cfg([tmp_path / "a"]), batch=4, batches=3)
+    assert sum(b["damaged_shards"] for b in batches) >= 1
+    assert "1 samples where the manifest lists 4" in capfd.readouterr().err
+
+
 def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd):
     """A shard cut in half yields the samples before the cut, is counted as damaged with a warning, and the epoch
     still delivers every batch (the resumed position stays exact despite the damage)."""

@@ -53,11 +53,15 @@ class TextEncoderConfig:
     """Captions are cut to this many tokens, special tokens included."""
     pooling: Literal["cls", "mean"] = "cls"
     """cls: the first token's output; mean: the mean over non-padding tokens."""
+    dropout: float | None = None
+    """Hidden and attention dropout inside RoBERTa; null: the pretrained model's own (0.1; also for random_init)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "model.text")
         if self.max_tokens < 3:
             raise ConfigError(f"model.text.max_tokens must be >= 3, got {self.max_tokens}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.text.dropout must be in [0, 1) or null, got {self.dropout}")
         if self.random_init and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.text.hidden_size={self.hidden_size} must be divisible by model.text.num_heads={self.num_heads}"
@@ -110,11 +114,16 @@ class TextEncoder(nn.Module):
                         pad_token_id=pad,
                         bos_token_id=tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
                         eos_token_id=tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id,
+                        hidden_dropout_prob=0.1 if cfg.dropout is None else cfg.dropout,
+                        attention_probs_dropout_prob=0.1 if cfg.dropout is None else cfg.dropout,
                     ),
                     add_pooling_layer=False,
                 )
             else:
-                model = AutoModel.from_pretrained(cfg.name_or_path, add_pooling_layer=False)
+                dropout = {}
+                if cfg.dropout is not None:
+                    dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+                model = AutoModel.from_pretrained(cfg.name_or_path, add_pooling_layer=False, **dropout)
         self.model = model
         self.output_dim = int(model.config.hidden_size)
 
