@@ -69,8 +69,9 @@ class DataConfig:
     """Training sources, mixed by weight."""
     val: list[str] = dataclasses.field(default_factory=list)
     """Validation shard directories (each clip once, every caption a query); empty: no validation."""
-    sbert_dim: int = 768
-    """Dimension of the shards' Sentence-BERT vectors (768: all-mpnet-base-v2, 384: all-MiniLM-L6-v2)."""
+    sbert_dim: int = 384
+    """Dimension of the shards' Sentence-BERT vectors: 384 for all-MiniLM-L6-v2 (relret.sbert's default), 768 for
+    all-mpnet-base-v2 (the paper's)."""
     crop_s: float = 30.0
     """Training clips longer than this are randomly cropped to it (the authors: 30 s; AudioCaps clips are 10 s)."""
     val_crop_s: float = 30.0

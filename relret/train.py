@@ -556,6 +556,9 @@ def _prepare(args: argparse.Namespace) -> tuple[TrainConfig, Path, Any, Any, Pla
     cfg = load_config(TrainConfig, args.config, args.overrides)
     cfg.loss.relevance.resolved()  # a missing calibration file fails now, not at the first step
     tag = ckpt.read_pointer(run_dir, ckpt.LATEST)
+    if tag is None and ckpt.step_tags(run_dir):
+        # Killed between renaming a complete checkpoint and replacing `latest`: the newest complete one is it.
+        tag = ckpt.step_tags(run_dir)[-1]
     resume = {"tag": tag, **ckpt.read_state(run_dir / ckpt.CHECKPOINTS / tag)} if tag is not None else None
     if resume is not None:
         # The run's own checkpoint wins over --init-from, and its config must be the one the run started with.

@@ -188,3 +188,23 @@ def test_status_json_contract(tmp_path):
     assert (status["state"], status["step"], status["checkpoint"]) == ("interrupted", 12, "step-00000012")
     with pytest.raises(ValueError, match="unknown run state 'paused'"):
         ckpt.write_status(tmp_path, "paused", 0, 0, 0, None, None)
+
+
+def test_checkpoint_without_latest_pointer_is_found(tmp_path, capsys):
+    """A run killed after renaming a complete checkpoint but before replacing `latest` resumes from that checkpoint
+    (here: a completed one, so the rerun says so and exits 0 without training)."""
+    from relret.config import dump_yaml
+
+    write_shard_dir(tmp_path / "shards", n_clips=16, per_shard=4)
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(TINY), "--run-dir", str(run_dir), f"data.train=[{{path: {tmp_path / 'shards'}}}]"]
+    argv += ["data.val=[]"]
+    cfg = load_config(TrainConfig, TINY, argv[4:])
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    tag = _fake_checkpoint(run_dir, 6)
+    state = {"step": 6, "epoch": 2, "step_in_epoch": 2, "completed": True}
+    (run_dir / ckpt.CHECKPOINTS / tag / ckpt.STATE_FILE).write_text(json.dumps(state))
+    assert main(argv) == 0
+    assert f"already completed at step 6 ({tag})" in capsys.readouterr().out
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
