@@ -540,7 +540,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, help="run directory: checkpoints, logs, status; rerun to resume")
     p.add_argument("--init-from", default=None, help="run or checkpoint directory whose model weights start this run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (last word)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied after the YAML")
     return p.parse_args(argv)
 
 

@@ -421,3 +421,18 @@ def test_bf16_autocast_path_runs_and_saves_float32(tmp_path, shards):
     assert all(np.isfinite(r["loss"]) for r in _records(run))
     weights = _weights(run / "checkpoints" / "step-00000002")
     assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_failure_exits_1_with_status_failed(tmp_path, shards):
+    """A failure during training (validation shards that are all garbage) exits 1 and leaves status "failed" with
+    the reason, and no checkpoint pointer."""
+    bad_val = tmp_path / "val"
+    write_shard_dir(bad_val, split="val", n_clips=8, per_shard=4, seed=5)
+    for shard in bad_val.glob("*.tar"):
+        shard.write_bytes(b"not a tar file" * 100)
+    run = tmp_path / "fails"
+    overrides = [f"data.train=[{{path: {shards / 'train'}}}]", f"data.val=[{bad_val}]", "data.samples_per_epoch=8"]
+    assert _wait(_single(run, overrides + ["train.epochs=1"])) == 1
+    status = _status(run)
+    assert status["state"] == "failed" and "validation shards gave no readable clip" in status["message"]
+    assert status["checkpoint"] is None and ckpt.read_pointer(run, ckpt.LATEST) is None
