@@ -333,8 +333,13 @@ class RunLog:
         path = self.run_dir / ckpt.METRICS_FILE
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) <= start_step]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line the killed run was writing
+                continue
         ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def print(self, text: str) -> None:
@@ -392,12 +397,12 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            print(
+            # os.write, not print: the signal may interrupt a print to the same stream (a reentrant call).
+            message = (
                 f"[rank {distributed.get_rank()}] received {signal.Signals(signum).name}: "
-                "checkpointing at the next step boundary",
-                file=sys.stderr,
-                flush=True,
+                "checkpointing at the next step boundary\n"
             )
+            os.write(sys.stderr.fileno(), message.encode())
 
     @property
     def requested(self) -> bool:
