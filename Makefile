@@ -30,6 +30,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/losses.py
+	$(PY) bench/train.py
 
 clean-venv:
 	rm -rf $(VENV)

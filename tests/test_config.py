@@ -12,6 +12,7 @@ class _Inner:
 
     size: Literal["tiny", "base"] = "tiny"
     dims: tuple[int, ...] = (1, 2)
+    pair: tuple[float, str] = (0.5, "a")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,29 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     assert (cfg.name, cfg.lr, cfg.steps, cfg.inner.size, cfg.inner.dims) == ("x", 0.5, 7, "base", (4, 5))
     assert (cfg.loss.relevance.a, cfg.loss.relevance.b, cfg.loss.tau) == (3.0, 5.0, 0.05)
     assert cfg.path is None
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    """`lr: 2e-5` (a string to PyYAML, which wants 2.0e-5) is read as the number it means, in files and overrides."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2e-5\n")
+    assert load_config(_Outer, path).lr == 2e-5
+    assert load_config(_Outer, None, ["lr=-3E+2"]).lr == -300.0
+    with pytest.raises(ConfigError, match=r"steps: expected an integer, got '1e3'"):
+        load_config(_Outer, None, ["steps=1e3"])
+
+
+def test_fixed_length_tuple(tmp_path):
+    """A tuple[float, str] field converts each item with its own type, also when read back from a dumped YAML."""
+    cfg = load_config(_Outer, None, ["inner.pair=[1, b]"])
+    assert cfg.inner.pair == (1.0, "b") and isinstance(cfg.inner.pair[0], float)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(_Outer, path).inner.pair == (1.0, "b")
+    with pytest.raises(ConfigError, match=r"inner\.pair\[1\]: expected a string, got 2"):
+        load_config(_Outer, None, ["inner.pair=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"inner\.pair: expected 2 items, got 3"):
+        load_config(_Outer, None, ["inner.pair=[1, a, b]"])
 
 
 def test_round_trip_through_yaml(tmp_path):

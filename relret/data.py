@@ -1,0 +1,517 @@
+"""Streaming training and validation batches from WebDataset shards (local or s3://), see `relret.shard_format`.
+
+Training (`TrainStream`): every epoch has its own shard sequence, drawn with replacement from all training sources
+with a seed shared by every rank (`epoch_seed(seed, epoch)`); position i of that sequence goes to stream
+i mod (ranks x workers), so ranks and DataLoader workers read disjoint shard draws and together read exactly the
+sequence one process would read. Samples pass a shuffle buffer; each clip then gets one random caption (with its
+Sentence-BERT vector, plus all of the clip's vectors for the mean/max relevance variants) and a random crop, drawn
+from a generator seeded by the sample's place in the epoch's sequence, so the choice does not depend on how the
+sequence was split. Several sources mix with weights: a shard of source d is drawn with probability proportional
+to w_d / N_d (N_d samples in d), which makes d's expected share of training samples w_d / sum(w); without weights
+every sample is equally likely (the sources concatenated).
+
+Each worker yields whole micro-batches, in the DataLoader's round-robin order (batch i of the epoch comes from
+worker i mod n), and stops after its share of the epoch. A batch carries its worker's position (batches made, raw samples read); a checkpoint stores the positions
+and a resumed run skips exactly that many raw samples per worker (reading but not decoding them), so it continues
+with the batches an uninterrupted run would have produced (same world size and worker count required; otherwise
+the epoch's remaining steps start a fresh stream and a warning says so).
+
+Damaged data does not stop training: a shard that cannot be read to its end (truncated, corrupt) or holds fewer
+samples than its manifest lists, and a sample that does not decode, are skipped with a warning and counted; the counts travel with the batches to the training loop.
+
+Batch (dict): audio [B, T] float32 zero-padded, audio_len [B] valid samples, captions list[str], caption_sbert
+[B, D] float32, clip_sbert [B, C, D] float32 and caption_mask [B, C] bool (all captions, C = max_captions),
+clip_ids [B] int64, keys list[str], and bookkeeping (worker, batches_done, raw_pos, damaged_shards, bad_samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from relret import shard_format, storage
+from relret.config import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass
+class ShardSource:
+    """One training source: a shard directory of one (dataset, split) and its share of the mix."""
+
+    path: str = ""
+    """Directory (local or s3://) with the shards and manifest.json, as written by `shards/`."""
+    weight: float | None = None
+    """Relative share of training samples from this source; null: its sample count (sources concatenated)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.train[].path must name a shard directory")
+        if self.weight is not None and not self.weight > 0:
+            raise ConfigError(f"data.train[].weight must be > 0, got {self.weight} for {self.path}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where shards are and how they are streamed."""
+
+    train: list[ShardSource] = dataclasses.field(default_factory=list)
+    """Training sources, mixed by weight."""
+    val: list[str] = dataclasses.field(default_factory=list)
+    """Validation shard directories (each clip once, every caption a query); empty: no validation."""
+    sbert_dim: int = 384
+    """Dimension of the shards' Sentence-BERT vectors: 384 for all-MiniLM-L6-v2 (relret.sbert's default), 768 for
+    all-mpnet-base-v2 (the paper's)."""
+    crop_s: float = 30.0
+    """Training clips longer than this are randomly cropped to it (the authors: 30 s; AudioCaps clips are 10 s)."""
+    val_crop_s: float = 30.0
+    """Validation clips are cut to their first `val_crop_s` seconds."""
+    max_captions: int = 5
+    """Captions per clip kept for the mean/max relevance variants (clip_sbert [B, C, D]); extra ones are dropped."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (1: no shuffling)."""
+    shuffle_initial: int = 100
+    """Samples collected before the shuffle buffer starts yielding."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    prefetch_factor: int = 4
+    """Batches prefetched per worker."""
+    samples_per_epoch: int | None = None
+    """Training samples per epoch; null: the training sources' sample total from their manifests."""
+    val_batch_size: int = 32
+    """Clips per validation batch."""
+
+    def __post_init__(self) -> None:
+        for key in ("sbert_dim", "max_captions", "shuffle_buffer", "shuffle_initial", "prefetch_factor"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch must be >= 1 or null, got {self.samples_per_epoch}")
+        if self.val_batch_size < 1:
+            raise ConfigError(f"data.val_batch_size must be >= 1, got {self.val_batch_size}")
+        for key in ("crop_s", "val_crop_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"data.{key} must be > 0, got {getattr(self, key)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shard directories
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """The shards of one source as its manifest describes them (urls in manifest order)."""
+
+    path: str
+    weight: float | None
+    urls: list[str]
+    samples: list[int]
+    manifest: shard_format.Manifest
+
+    @property
+    def total_samples(self) -> int:
+        return sum(self.samples)
+
+
+def open_shard_dir(path: str, sbert_dim: int, weight: float | None = None, what: str = "data.train") -> ShardSet:
+    """Read and check a shard directory: manifest present, shards present, embedding dimension as configured."""
+    if storage.is_s3(path):
+        storage.register_webdataset_s3()
+    try:
+        manifest = shard_format.read_manifest(path)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    present = {u.rsplit("/", 1)[-1] for u in storage.list_files(path, "*.tar")}
+    if not present:
+        raise ValueError(
+            f"{what}: no shard matches {storage.join(path, '*.tar')}; write shards there first "
+            "(`python shards/build.py`), or fix the path"
+        )
+    missing = [s.name for s in manifest.shards if s.name not in present]
+    if missing:
+        raise ValueError(
+            f"{what}: {len(missing)} shard(s) listed in {storage.join(path, shard_format.MANIFEST_NAME)} are missing "
+            f"(first: {missing[0]}); rewrite the shards or restore the files"
+        )
+    shards = [s for s in manifest.shards if s.samples > 0]
+    if not shards:
+        raise ValueError(f"{what}: the manifest in {path} lists no shard with samples")
+    if manifest.sbert_dim != sbert_dim:
+        raise ValueError(
+            f"data.sbert_dim={sbert_dim} but the shards in {path} hold {manifest.sbert_dim}-dimensional Sentence-BERT "
+            f"vectors ({manifest.sbert_model}); set data.sbert_dim={manifest.sbert_dim} or rebuild the shards"
+        )
+    return ShardSet(path, weight, [storage.join(path, s.name) for s in shards], [s.samples for s in shards], manifest)
+
+
+def open_train_sources(cfg: DataConfig, world_size: int) -> list[ShardSet]:
+    """All training sources, checked; there must be at least as many shards as ranks x workers."""
+    if not cfg.train:
+        raise ConfigError("data.train is empty: name at least one shard directory (data.train=[{path: DIR}])")
+    sets = [open_shard_dir(s.path, cfg.sbert_dim, s.weight) for s in cfg.train]
+    n_shards = sum(len(s.urls) for s in sets)
+    streams = world_size * max(1, cfg.num_workers)
+    if n_shards < streams:
+        raise ValueError(
+            f"{n_shards} training shard(s) for {world_size} rank(s) x {max(1, cfg.num_workers)} worker(s) = {streams} "
+            "readers: every reader needs shards of its own. Write more, smaller shards, or lower data.num_workers"
+        )
+    return sets
+
+
+def open_val_sources(cfg: DataConfig) -> list[ShardSet]:
+    return [open_shard_dir(p, cfg.sbert_dim, what="data.val") for p in cfg.val]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The epoch's shard sequence
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed every rank uses for epoch `epoch` (recorded in checkpoints)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint32)[0])
+
+
+def shard_probabilities(sets: Sequence[ShardSet]) -> tuple[list[str], np.ndarray]:
+    """All shard urls and their draw probabilities: proportional to w_d / N_d for a shard of source d (w_d = N_d
+    when the source has no weight)."""
+    urls, probs = [], []
+    for s in sets:
+        weight = s.total_samples if s.weight is None else s.weight
+        urls.extend(s.urls)
+        probs.extend([weight / s.total_samples] * len(s.urls))
+    p = np.asarray(probs, dtype=np.float64)
+    return urls, p / p.sum()
+
+
+def shard_sequence(urls: Sequence[str], probs: np.ndarray, seed: int) -> Iterator[tuple[int, str]]:
+    """Endless (position, url) draws with replacement; the same seed gives the same sequence on every rank."""
+    rng = np.random.default_rng(seed)
+    position = 0
+    while True:
+        for index in rng.choice(len(urls), size=1024, p=probs):
+            yield position, urls[index]
+            position += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damage accounting
+
+MAX_EMPTY_SHARDS_IN_A_ROW = 64
+
+
+class DamageCounter:
+    """A webdataset handler: flags the error, warns once per url, and lets the stream go on. `count` is kept by the
+    caller (one damaged shard can raise several errors)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.flagged = False
+        self.url = "?"
+        """The shard being read (set by the reader)."""
+        self._warned: set[str] = set()
+
+    def record(self, exn: BaseException) -> None:
+        """Warn about and count one damaged item."""
+        self(exn)
+        self.count += 1
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.flagged = True
+        if self.url not in self._warned:
+            self._warned.add(self.url)
+            print(
+                f"relret.data: WARNING: skipping {self.what} in {self.url}: {exn.args[0] if exn.args else exn!r}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
+
+
+class ShardTooShort(ValueError):
+    """A shard ended cleanly but holds fewer samples than its manifest lists (cut at a tar block boundary)."""
+
+
+def _raw_samples(
+    positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter, expected: dict[str, int]
+) -> Iterator[dict]:
+    """Raw samples (member -> bytes) of each drawn shard, tagged with (position, index in shard). A shard that
+    raises while being read, or holds fewer samples than `expected` (its manifest count), counts as damaged."""
+    import webdataset as wds
+
+    empty_in_a_row = 0
+    for position, url in positioned_urls:
+        damage.flagged, damage.url = False, url
+        index = -1
+        for index, sample in enumerate(wds.tarfile_to_samples(handler=damage)([{"url": url}])):
+            sample["__pos__"] = (position, index)
+            yield sample
+        if not damage.flagged and index + 1 < expected.get(url, 0):
+            damage(ShardTooShort(f"{index + 1} samples where the manifest lists {expected[url]}"))
+        if damage.flagged:
+            damage.count += 1
+        empty_in_a_row = empty_in_a_row + 1 if index < 0 else 0
+        if empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
+            raise RuntimeError(
+                f"{empty_in_a_row} shard reads in a row gave no sample (last: {url}); the shards are unreadable"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samples and batches
+
+
+@dataclasses.dataclass
+class _Clip:
+    key: str
+    clip_id: int
+    audio: np.ndarray
+    caption: str
+    caption_sbert: np.ndarray
+    all_sbert: np.ndarray
+    all_captions: list[str]
+
+
+def _decode(raw: dict, sbert_dim: int) -> shard_format.Sample:
+    sample = shard_format.decode_sample(raw)
+    if sample.meta.sample_rate != shard_format.SAMPLE_RATE_HZ:
+        raise ValueError(f"sample {sample.key} is {sample.meta.sample_rate} Hz; the model reads 32 kHz shards")
+    if sample.sbert.shape[1] != sbert_dim:
+        raise ValueError(f"sample {sample.key}: Sentence-BERT dimension {sample.sbert.shape[1]}, config {sbert_dim}")
+    return sample
+
+
+def random_crop(audio: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of at most `max_samples` (the whole clip when shorter)."""
+    if len(audio) <= max_samples:
+        return audio
+    start = int(rng.integers(0, len(audio) - max_samples + 1))
+    return audio[start : start + max_samples]
+
+
+def collate(clips: Sequence[_Clip], max_captions: int) -> dict[str, Any]:
+    """Stack clips into a batch (audio zero-padded to the longest clip, caption vectors to `max_captions`)."""
+    batch, dim = len(clips), clips[0].caption_sbert.shape[0]
+    length = max(len(c.audio) for c in clips)
+    audio = np.zeros((batch, length), dtype=np.float32)
+    clip_sbert = np.zeros((batch, max_captions, dim), dtype=np.float32)
+    caption_mask = np.zeros((batch, max_captions), dtype=bool)
+    for i, c in enumerate(clips):
+        audio[i, : len(c.audio)] = c.audio
+        n = min(len(c.all_sbert), max_captions)
+        clip_sbert[i, :n] = c.all_sbert[:n]
+        caption_mask[i, :n] = True
+    return {
+        "audio": torch.from_numpy(audio),
+        "audio_len": torch.tensor([len(c.audio) for c in clips], dtype=torch.long),
+        "captions": [c.caption for c in clips],
+        "caption_sbert": torch.from_numpy(np.stack([c.caption_sbert for c in clips]).astype(np.float32)),
+        "clip_sbert": torch.from_numpy(clip_sbert),
+        "caption_mask": torch.from_numpy(caption_mask),
+        "clip_ids": torch.tensor([c.clip_id for c in clips], dtype=torch.long),
+        "keys": [c.key for c in clips],
+    }
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def worker_quota(total_batches: int, worker: int, num_workers: int) -> int:
+    """Batches worker `worker` makes when a DataLoader takes `total_batches` round-robin from `num_workers`."""
+    return len(range(worker, total_batches, num_workers))
+
+
+@dataclasses.dataclass
+class StreamPosition:
+    """How far one worker's stream got: batches it made and raw samples it read."""
+
+    batches_done: int = 0
+    raw_pos: int = 0
+
+
+class TrainStream(IterableDataset):
+    """One rank's training micro-batches for one epoch (see the module docstring)."""
+
+    def __init__(
+        self,
+        sets: Sequence[ShardSet],
+        cfg: DataConfig,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        batches: int,
+        start: dict[int, StreamPosition] | None = None,
+    ) -> None:
+        """`batches`: micro-batches this rank takes this epoch; `start`: positions per worker to resume from."""
+        super().__init__()
+        self.urls, self.probs = shard_probabilities(sets)
+        self.expected = {u: n for s in sets for u, n in zip(s.urls, s.samples)}
+        self.cfg = cfg
+        self.epoch_seed = epoch_seed(seed, epoch)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.batches = batch_size, batches
+        self.start = start or {}
+        self.crop_samples = int(round(cfg.crop_s * shard_format.SAMPLE_RATE_HZ))
+
+    def _clip(self, raw: dict) -> _Clip:
+        sample = _decode(raw, self.cfg.sbert_dim)
+        position, index = raw["__pos__"]
+        rng = np.random.default_rng([self.epoch_seed, position, index])
+        pick = int(rng.integers(len(sample.meta.captions)))
+        return _Clip(
+            key=sample.key,
+            clip_id=sample.meta.clip_id,
+            audio=random_crop(sample.audio, self.crop_samples, rng),
+            caption=sample.meta.captions[pick],
+            caption_sbert=sample.sbert[pick].astype(np.float32),
+            all_sbert=sample.sbert.astype(np.float32),
+            all_captions=sample.meta.captions,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        storage.register_webdataset_s3()
+        worker_id, num_workers = _worker()
+        # A DataLoader always starts its round-robin at worker 0; after a resume the next batch belongs to the
+        # stream of worker k mod n (k batches consumed), so DataLoader worker i plays worker (i + k) mod n.
+        consumed = sum(p.batches_done for p in self.start.values())
+        worker = (worker_id + consumed) % num_workers
+        stream = self.rank * num_workers + worker
+        n_streams = self.world_size * num_workers
+        quota = worker_quota(self.batches, worker, num_workers)
+        pos = self.start.get(worker, StreamPosition())
+        shard_damage, sample_damage = DamageCounter("damaged shard data"), DamageCounter("undecodable sample")
+        shards = islice(shard_sequence(self.urls, self.probs, self.epoch_seed), stream, None, n_streams)
+        shuffle_rng = random.Random(epoch_seed(self.epoch_seed, stream))
+        raw = wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=shuffle_rng)(
+            _raw_samples(shards, shard_damage, self.expected)
+        )
+        raw_pos = pos.raw_pos
+        for _ in islice(raw, raw_pos):  # resume: read past what the interrupted run consumed, without decoding
+            pass
+        reported = (0, 0)
+        clips: list[_Clip] = []
+        for batches_done in range(pos.batches_done, quota):
+            while len(clips) < self.batch_size:
+                sample = next(raw)
+                raw_pos += 1
+                try:
+                    clips.append(self._clip(sample))
+                except Exception as exn:  # a damaged sample: counted and skipped
+                    sample_damage.url = sample.get("__url__", "?")
+                    sample_damage.record(exn)
+            batch = collate(clips, self.cfg.max_captions)
+            clips = []
+            counts = (shard_damage.count, sample_damage.count)
+            batch.update(
+                worker=worker,
+                batches_done=batches_done + 1,
+                raw_pos=raw_pos,
+                damaged_shards=counts[0] - reported[0],
+                bad_samples=counts[1] - reported[1],
+            )
+            reported = counts
+            yield batch
+
+
+class ValStream(IterableDataset):
+    """Validation batches: every clip of the validation shards exactly once over all ranks and workers."""
+
+    def __init__(self, sets: Sequence[ShardSet], cfg: DataConfig, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.urls = [u for s in sets for u in s.urls]
+        self.expected = {u: n for s in sets for u, n in zip(s.urls, s.samples)}
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.crop_samples = int(round(cfg.val_crop_s * shard_format.SAMPLE_RATE_HZ))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        storage.register_webdataset_s3()
+        worker, num_workers = _worker()
+        urls = self.urls[self.rank :: self.world_size][worker::num_workers]
+        damage = DamageCounter("damaged validation shard data")
+        clips: list[_Clip] = []
+        for raw in _raw_samples(enumerate(urls), damage, self.expected):
+            try:
+                sample = _decode(raw, self.cfg.sbert_dim)
+            except Exception as exn:
+                damage.url = raw.get("__url__", "?")
+                damage.record(exn)
+                continue
+            clips.append(
+                _Clip(
+                    key=sample.key,
+                    clip_id=sample.meta.clip_id,
+                    audio=sample.audio[: self.crop_samples],
+                    caption=sample.meta.captions[0],
+                    caption_sbert=sample.sbert[0].astype(np.float32),
+                    all_sbert=sample.sbert.astype(np.float32),
+                    all_captions=list(sample.meta.captions),
+                )
+            )
+            if len(clips) == self.cfg.val_batch_size:
+                yield self._batch(clips)
+                clips = []
+        if clips:
+            yield self._batch(clips)
+
+    def _batch(self, clips: list[_Clip]) -> dict[str, Any]:
+        batch = collate(clips, max(len(c.all_captions) for c in clips))
+        batch["all_captions"] = [c.all_captions for c in clips]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _worker_init(_: int) -> None:
+    # The scheduler's SIGTERM/SIGUSR1 reach every process of the job; the training process handles them and shuts
+    # its workers down itself, so a worker must not die of them first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a stream that yields whole batches; it never touches the global torch RNG."""
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def steps_per_epoch(samples_per_epoch: int, global_batch_size: int) -> int:
+    steps = samples_per_epoch // global_batch_size
+    if steps < 1:
+        raise ConfigError(
+            f"an epoch of {samples_per_epoch} samples (data.samples_per_epoch, or the training manifests' total) is "
+            f"smaller than train.global_batch_size={global_batch_size}: it would have no step"
+        )
+    return steps

@@ -1,0 +1,216 @@
+"""PaSST audio encoder (hear21passt), built offline, over 10 s windows mean-pooled with a mask.
+
+    encoder = PaSSTEncoder(AudioEncoderConfig())           # PaSST-S, no patch overlap, random init
+    emb = encoder(audio [B, T] float32 at 32 kHz, audio_len [B] valid samples)   # -> [B, embed_dim]
+
+A clip is cut into windows of `window_s` seconds (the last one zero-padded); each window gets a log-mel spectrogram
+and a PaSST embedding (the mean of its class and distillation tokens, as PaSST's own forward does), and the clip's
+embedding is the mean over the windows that hold any of the clip's samples. Windows made only of padding are never
+computed, so padding a batch to a longer clip never changes a clip's embedding.
+
+The model is built from `hear21passt.models.passt.PaSST` directly: its `get_basic_model()` helper always downloads
+weights. Pretrained weights (e.g. `passt-s-f128-p16-s16-ap.468.pt` from the PaSST releases) are read from a local
+file when `weights` names one, with `torch.load(weights_only=True)` or safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
+from relret.config import ConfigError
+from relret.shard_format import SAMPLE_RATE_HZ
+
+# hear21passt's front end uses APIs torch now deprecates; filtered once here (a catch_warnings block per forward
+# would reset Python's "warn once" registry for every other warning in the process).
+warnings.filterwarnings("ignore", message=r".*return_complex=False.*", category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
+
+
+@dataclasses.dataclass
+class AudioEncoderConfig:
+    """PaSST size, input features and windowing. Defaults are PaSST-S without patch overlap (the authors' choice)."""
+
+    embed_dim: int = 768
+    """Transformer width (PaSST-S: 768; tests use 16-64)."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 12
+    """Attention heads per block."""
+    patch_size: int = 16
+    """Square patch size in mel bins x frames."""
+    stride: int = 16
+    """Patch stride in both axes: 16 is PaSST-S without overlap (pretrained: ap468), 10 the overlapping variants."""
+    n_mels: int = 128
+    """Mel bands of the log-mel front end."""
+    input_tdim: int = 998
+    """Frames per window fed to PaSST (998 for 10 s at hop 320, as PaSST was trained); the mel is cut or padded to it."""
+    window_s: float = 10.0
+    """Window length in seconds; longer clips are cut into windows whose embeddings are mean-pooled."""
+    hop_length: int = 320
+    """STFT hop in samples (10 ms at 32 kHz)."""
+    win_length: int = 800
+    """STFT window in samples."""
+    n_fft: int = 1024
+    """FFT size."""
+    freq_mask: int = 0
+    """Training-time SpecAugment frequency mask width (0: off)."""
+    time_mask: int = 0
+    """Training-time SpecAugment time mask width (0: off)."""
+    s_patchout_t: int = 0
+    """Structured patchout: time columns dropped in training (PaSST's regulariser and speed-up; 0: off)."""
+    s_patchout_f: int = 0
+    """Structured patchout: frequency rows dropped in training (0: off)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate."""
+    weights: str | None = None
+    """Local file of pretrained PaSST weights (.pt state dict or .safetensors); null: random initialisation."""
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "depth", "num_heads", "patch_size", "stride", "n_mels", "input_tdim"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.audio.{key} must be > 0, got {getattr(self, key)}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.audio.embed_dim={self.embed_dim} must be divisible by model.audio.num_heads={self.num_heads}"
+            )
+        if not self.window_s > 0:
+            raise ConfigError(f"model.audio.window_s must be > 0, got {self.window_s}")
+        frames = self.window_samples // self.hop_length
+        if self.input_tdim > frames + 1 or self.input_tdim < self.patch_size:
+            raise ConfigError(
+                f"model.audio.input_tdim={self.input_tdim} does not fit a {self.window_s} s window ({frames} frames at "
+                f"hop {self.hop_length}); use at most {frames} and at least patch_size={self.patch_size}"
+            )
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * SAMPLE_RATE_HZ))
+
+
+class PaSSTEncoder(nn.Module):
+    """Clip embeddings [B, embed_dim] from 32 kHz mono audio [B, T] with masked mean pooling over windows."""
+
+    def __init__(self, cfg: AudioEncoderConfig) -> None:
+        super().__init__()
+        from hear21passt.models import passt as passt_module
+        from hear21passt.models.preprocess import AugmentMelSTFT
+
+        passt_module.first_RUN = False  # stops hear21passt printing tensor shapes on the first forward
+        self.cfg = cfg
+        self.output_dim = cfg.embed_dim
+        # fmax is given explicitly: hear21passt prints a warning when it has to derive it.
+        self.mel = AugmentMelSTFT(
+            n_mels=cfg.n_mels,
+            sr=SAMPLE_RATE_HZ,
+            win_length=cfg.win_length,
+            hopsize=cfg.hop_length,
+            n_fft=cfg.n_fft,
+            freqm=cfg.freq_mask,
+            timem=cfg.time_mask,
+            fmin=0.0,
+            fmax=SAMPLE_RATE_HZ // 2,
+            fmin_aug_range=1,
+            fmax_aug_range=1,
+        )
+        self.passt = passt_module.PaSST(
+            img_size=(cfg.n_mels, cfg.input_tdim),
+            patch_size=cfg.patch_size,
+            stride=(cfg.stride, cfg.stride),
+            in_chans=1,
+            num_classes=0,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            distilled=True,
+            drop_path_rate=cfg.drop_path_rate,
+            s_patchout_t=cfg.s_patchout_t,
+            s_patchout_f=cfg.s_patchout_f,
+        )
+        # The AudioSet classifier heads are not used (embeddings come from forward_features): drop them so that
+        # no parameter goes without a gradient.
+        self.passt.head = nn.Identity()
+        self.passt.head_dist = None
+        if cfg.weights is not None:
+            load_passt_weights(self.passt, cfg.weights)
+
+    def spectrogram(self, windows: torch.Tensor) -> torch.Tensor:
+        """Log-mel [N, 1, n_mels, input_tdim] of windows [N, window_samples], always computed in float32."""
+        with torch.autocast(device_type=windows.device.type, enabled=False):
+            mel = self.mel(windows.float())
+        frames = mel.shape[-1]
+        if frames >= self.cfg.input_tdim:
+            mel = mel[..., : self.cfg.input_tdim]
+        else:
+            mel = nn.functional.pad(mel, (0, self.cfg.input_tdim - frames), value=float(mel.min()))
+        return mel.unsqueeze(1)
+
+    def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """[N, window_samples] -> [N, embed_dim]: mean of PaSST's class and distillation token outputs."""
+        cls_token, dist_token = self.passt.forward_features(self.spectrogram(windows))
+        return (cls_token + dist_token) / 2
+
+    def window_mask(self, audio_len: torch.Tensor, n_windows: int) -> torch.Tensor:
+        """[B, n_windows] True where a window holds at least one of the clip's samples (window 0 always)."""
+        starts = torch.arange(n_windows, device=audio_len.device) * self.cfg.window_samples
+        mask = audio_len[:, None] > starts[None, :]
+        mask[:, 0] = True
+        return mask
+
+    def forward(self, audio: torch.Tensor, audio_len: torch.Tensor | None = None) -> torch.Tensor:
+        """audio [B, T] float at 32 kHz, audio_len [B] valid samples (default: T) -> [B, embed_dim]."""
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be [B, T], got shape {tuple(audio.shape)}")
+        batch, length = audio.shape
+        if audio_len is None:
+            audio_len = torch.full((batch,), length, dtype=torch.long, device=audio.device)
+        ws = self.cfg.window_samples
+        # Whatever lies beyond a clip's length is padding: zero it, so a partly filled window sees silence.
+        valid = torch.arange(length, device=audio.device)[None, :] < audio_len.to(audio.device)[:, None]
+        audio = audio * valid
+        n_windows = max(1, math.ceil(length / ws))
+        if n_windows * ws != length:
+            audio = nn.functional.pad(audio, (0, n_windows * ws - length))
+        mask = self.window_mask(audio_len.to(audio.device), n_windows)  # [B, W]
+        windows = audio.reshape(batch * n_windows, ws)[mask.reshape(-1)]  # only windows with audio in them
+        emb = self.embed_windows(windows)  # [V, E]
+        full = emb.new_zeros(batch * n_windows, emb.shape[1])
+        full[mask.reshape(-1)] = emb
+        full = full.view(batch, n_windows, -1)
+        weights = mask.to(emb.dtype)
+        return (full * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def load_passt_weights(model: nn.Module, path: str) -> None:
+    """Load a local PaSST state dict (AudioSet classifier heads ignored); every other key must match."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(
+            f"model.audio.weights: no file {file}; download a PaSST checkpoint (e.g. passt-s-f128-p16-s16-ap.468.pt "
+            "from github.com/kkoutini/PaSST/releases) to a local path, or set it to null for random initialisation"
+        )
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    state = {k.removeprefix("net.").removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"model.audio.weights: {file} does not fit the configured PaSST: {exc}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"model.audio.weights: {file} does not fit the configured PaSST (embed_dim, depth, stride, input_tdim); "
+            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )

@@ -1,0 +1,261 @@
+"""Streaming shards: splits across ranks and workers, mixing weights, captions and crops, resume, damage, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shardkit import truncate_shard, write_shard_dir
+
+from relret import shard_format, storage
+from relret.config import ConfigError
+from relret.data import (
+    DataConfig,
+    ShardSource,
+    StreamPosition,
+    TrainStream,
+    ValStream,
+    make_loader,
+    open_train_sources,
+    open_val_sources,
+)
+
+SR = shard_format.SAMPLE_RATE_HZ
+
+
+def _cfg(paths, **kw) -> DataConfig:
+    weights = kw.pop("weights", [None] * len(paths))
+    base = dict(sbert_dim=384, crop_s=2.0, num_workers=0, shuffle_buffer=1, shuffle_initial=1, prefetch_factor=2)
+    base.update(kw)
+    return DataConfig(train=[ShardSource(str(p), w) for p, w in zip(paths, weights)], **base)
+
+
+def _epoch(cfg, rank=0, world=1, batch=4, batches=8, epoch=0, start=None, sources=None):
+    sets = sources or open_train_sources(cfg, world)
+    stream = TrainStream(
+        sets, cfg, seed=7, epoch=epoch, rank=rank, world_size=world, batch_size=batch, batches=batches, start=start
+    )
+    return list(make_loader(stream, cfg))
+
+
+def _read_tar_samples(path: Path) -> dict[str, shard_format.Sample]:
+    """The samples of a shard read with tarfile directly (the reference for what data.py yields)."""
+    members: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+    return {k: shard_format.decode_sample(v) for k, v in members.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    a = write_shard_dir(root / "a", dataset="aaa", n_clips=64, per_shard=4, durations_s=(1.0, 2.5, 4.0), seed=1)
+    b = write_shard_dir(root / "b", dataset="bbb", n_clips=32, per_shard=4, seed=2)
+    return root, a, b
+
+
+def test_two_ranks_of_four_read_what_one_rank_of_eight_reads(corpus):
+    """With shards of one micro-batch and no shuffling, rank 0 and rank 1 batches (4 each) concatenate to the
+    batches of a single rank with micro-batch 8, for 1 and 2 workers: the global batch does not depend on the split."""
+    root, _, _ = corpus
+    for workers in (0, 2):
+        cfg = _cfg([root / "a"], num_workers=workers)
+        one = _epoch(cfg, batch=8, batches=6)
+        ranks = [_epoch(cfg, rank=r, world=2, batch=4, batches=6) for r in (0, 1)]
+        for i, batch in enumerate(one):
+            both = ranks[0][i]["keys"] + ranks[1][i]["keys"]
+            assert batch["keys"] == both
+            assert batch["captions"] == ranks[0][i]["captions"] + ranks[1][i]["captions"]
+            audio = np.concatenate([r[i]["audio"].numpy()[:, : batch["audio"].shape[1]] for r in ranks])
+            np.testing.assert_array_equal(batch["audio"].numpy()[:, : audio.shape[1]], audio)
+
+
+def test_ranks_and_workers_read_disjoint_shard_draws(corpus):
+    """2 ranks x 2 workers: within an epoch no (rank, worker) repeats another's shard draw; all quotas are met."""
+    root, records, _ = corpus
+    shard_of = {r["key"]: r["shard"] for r in records}
+    cfg = _cfg([root / "a"], num_workers=2)
+    seen = []
+    for rank in (0, 1):
+        batches = _epoch(cfg, rank=rank, world=2, batch=4, batches=6)
+        assert len(batches) == 6
+        assert Counter(b["worker"] for b in batches) == {0: 3, 1: 3}
+        assert [b["worker"] for b in batches] == [0, 1, 0, 1, 0, 1]  # round-robin
+        seen += [(rank, b["worker"], k) for b in batches for k in b["keys"]]
+    # each shard draw is 4 consecutive keys of one shard; a repeated draw of a shard (resampling) is allowed, but
+    # every stream's keys come in whole shards
+    for stream in {(r, w) for r, w, _ in seen}:
+        keys = [k for r, w, k in seen if (r, w) == stream]
+        groups = [keys[i : i + 4] for i in range(0, len(keys), 4)]
+        assert all(len({shard_of[k] for k in g}) == 1 for g in groups)
+
+
+@pytest.mark.parametrize("weights, want_b", [((1.0, 3.0), 0.75), ((None, None), 32 / 96)])
+def test_mixing_weights_set_each_sources_share(corpus, weights, want_b):
+    """Source b's share of 800 training samples is w_b / (w_a + w_b) (without weights: its share of all clips)."""
+    root, _, _ = corpus
+    cfg = _cfg([root / "a", root / "b"], weights=list(weights))
+    keys = [k for b in _epoch(cfg, batch=16, batches=50) for k in b["keys"]]
+    share_b = sum(k.startswith("bbb-") for k in keys) / len(keys)
+    # 200 shard draws: the binomial standard deviation of the share is at most 0.035 (the seed is fixed)
+    assert abs(share_b - want_b) < 0.08, share_b
+
+
+def test_caption_choice_crop_and_vectors_match_the_shard(corpus):
+    """Each row's caption is one of its clip's captions, caption_sbert is that caption's stored vector, clip_sbert
+    holds all of them under the mask, and the audio is a contiguous piece of the clip no longer than crop_s."""
+    root, records, _ = corpus
+    reference = {}
+    for shard in sorted((root / "a").glob("*.tar")):
+        reference.update(_read_tar_samples(shard))
+    cfg = _cfg([root / "a"], crop_s=2.0, max_captions=5)
+    chosen = Counter()
+    for epoch in range(3):
+        for batch in _epoch(cfg, batch=8, batches=4, epoch=epoch):
+            for i, key in enumerate(batch["keys"]):
+                ref = reference[key]
+                c = ref.meta.captions.index(batch["captions"][i])
+                chosen[(key, c)] += 1
+                np.testing.assert_allclose(batch["caption_sbert"][i].numpy(), ref.sbert[c].astype(np.float32))
+                n = len(ref.meta.captions)
+                assert batch["caption_mask"][i].tolist() == [True] * n + [False] * (5 - n)
+                np.testing.assert_allclose(batch["clip_sbert"][i, :n].numpy(), ref.sbert.astype(np.float32))
+                length = int(batch["audio_len"][i])
+                assert length == min(len(ref.audio), 2 * SR)
+                piece = batch["audio"][i, :length].numpy()
+                candidates = np.flatnonzero(ref.audio[: len(ref.audio) - length + 1] == piece[0])
+                assert any(np.array_equal(ref.audio[s : s + length], piece) for s in candidates), key
+                assert not batch["audio"][i, length:].any()
+    multi = {k for k, _ in chosen if len(reference[k].meta.captions) > 1}
+    assert any(len({c for k2, c in chosen if k2 == k}) > 1 for k in multi)  # captions vary across epochs
+
+
+def test_resumed_stream_continues_where_the_checkpoint_was(corpus):
+    """Positions taken after 5 of 10 batches (2 workers, shuffling) make a new stream yield exactly batches 6-10."""
+    root, _, _ = corpus
+    cfg = _cfg([root / "a"], num_workers=2, shuffle_buffer=8, shuffle_initial=4)
+    full = _epoch(cfg, batch=4, batches=10)
+    positions = {}
+    for b in full[:5]:
+        positions[b["worker"]] = StreamPosition(b["batches_done"], b["raw_pos"])
+    rest = _epoch(cfg, batch=4, batches=10, start=positions)
+    assert [b["keys"] for b in rest] == [b["keys"] for b in full[5:]]
+    assert [b["captions"] for b in rest] == [b["captions"] for b in full[5:]]
+    for a, b in zip(rest, full[5:]):
+        np.testing.assert_array_equal(a["audio"].numpy(), b["audio"].numpy())
+
+
+def test_shard_cut_at_a_block_boundary_counts_as_damaged(tmp_path, capfd):
+    """A shard cut between samples is a valid, shorter tar: its manifest count gives it away, and it is counted."""
+    write_shard_dir(tmp_path / "a", n_clips=8, per_shard=4, seed=3)
+    shard = tmp_path / "a" / "synth-train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cut = members[len(shard_format.MEMBERS)].offset  # the header of the second sample's first member
+    shard.write_bytes(shard.read_bytes()[:cut])
+    batches = _epoch(_cfg([tmp_path / "a"]), batch=4, batches=3)
+    assert sum(b["damaged_shards"] for b in batches) >= 1
+    assert "1 samples where the manifest lists 4" in capfd.readouterr().err
+
+
+def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd):
+    """A shard cut in half yields the samples before the cut, is counted as damaged with a warning, and the epoch
+    still delivers every batch (the resumed position stays exact despite the damage)."""
+    write_shard_dir(tmp_path / "a", n_clips=16, per_shard=8, seed=3)
+    bad = tmp_path / "a" / "synth-train-000001.tar"
+    before = set(_read_tar_samples(bad))
+    truncate_shard(bad, 0.5)
+    names = []
+    with tarfile.open(bad, mode="r|*") as tar:
+        try:
+            for member in tar:
+                names.append(member.name)
+        except tarfile.ReadError:
+            pass
+    # whole samples before the cut (the last member read may be cut itself)
+    members = Counter(n.partition(".")[0] for n in names[:-1])
+    kept = {k for k, n in members.items() if n == len(shard_format.MEMBERS)}
+    lost = before - kept
+    assert kept and lost
+    cfg = _cfg([tmp_path / "a"], num_workers=2, shuffle_buffer=4, shuffle_initial=2)
+    batches = _epoch(cfg, batch=4, batches=12)
+    assert len(batches) == 12
+    damaged = sum(b["damaged_shards"] for b in batches)
+    assert damaged >= 1
+    keys = {k for b in batches for k in b["keys"]}
+    assert kept <= keys and not (keys & lost)  # what precedes the cut is used, nothing from behind it
+    err = capfd.readouterr().err
+    assert "WARNING: skipping damaged shard data" in err and bad.name in err
+    positions = {}
+    for b in batches[:5]:
+        positions[b["worker"]] = StreamPosition(b["batches_done"], b["raw_pos"])
+    rest = _epoch(cfg, batch=4, batches=12, start=positions)
+    assert [b["keys"] for b in rest] == [b["keys"] for b in batches[5:]]
+
+
+def test_validation_reads_every_clip_once_with_all_captions(corpus):
+    """2 ranks x 2 workers together see each validation clip once, with all of its captions, cut to val_crop_s."""
+    root, records, _ = corpus
+    cfg = DataConfig(val=[str(root / "a")], sbert_dim=384, num_workers=2, val_batch_size=5, val_crop_s=1.5)
+    sets = open_val_sources(cfg)
+    seen = {}
+    for rank in (0, 1):
+        for batch in make_loader(ValStream(sets, cfg, rank, 2), cfg):
+            for key, caps, n in zip(batch["keys"], batch["all_captions"], batch["audio_len"].tolist()):
+                assert key not in seen
+                seen[key] = (caps, n)
+    assert set(seen) == {r["key"] for r in records}
+    for r in records:
+        assert seen[r["key"]] == (r["captions"], min(int(r["duration_s"] * SR), int(1.5 * SR)))
+
+
+def test_errors_name_the_problem(tmp_path, corpus):
+    """No shards, too few shards for the readers, an SBERT dimension that differs, a missing shard: clear errors."""
+    root, _, _ = corpus
+    with pytest.raises(ValueError, match="no manifest.json"):
+        open_train_sources(_cfg([tmp_path / "nothing"]), 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "manifest.json").write_text((root / "a" / "manifest.json").read_text())
+    with pytest.raises(ValueError, match=r"no shard matches .*empty/\*\.tar"):
+        open_train_sources(_cfg([tmp_path / "empty"]), 1)
+    with pytest.raises(ValueError, match=r"16 training shard\(s\) for 4 rank\(s\) x 5 worker\(s\) = 20 readers"):
+        open_train_sources(_cfg([root / "a"], num_workers=5), 4)
+    with pytest.raises(ValueError, match="data.sbert_dim=768 but the shards in .* hold 384-dimensional"):
+        open_train_sources(_cfg([root / "a"], sbert_dim=768), 1)
+    write_shard_dir(tmp_path / "gap", n_clips=8, per_shard=4)
+    (tmp_path / "gap" / "synth-train-000001.tar").unlink()
+    with pytest.raises(ValueError, match="1 shard.* missing .*synth-train-000001.tar"):
+        open_train_sources(_cfg([tmp_path / "gap"]), 1)
+    with pytest.raises(ConfigError, match="data.train is empty"):
+        open_train_sources(DataConfig(), 1)
+    with pytest.raises(ConfigError, match=r"data.train\[\].weight must be > 0"):
+        ShardSource("x", 0.0)
+
+
+def test_streams_from_s3(s3_bucket, corpus):
+    """The same shards uploaded to S3 stream the same batches as from local disk (2 workers)."""
+    root, _, _ = corpus
+    prefix = f"{s3_bucket}/shards/a"
+    for f in sorted((root / "a").iterdir()):
+        storage.upload_file(f, f"{prefix}/{f.name}")
+    local = _epoch(_cfg([root / "a"], num_workers=2), batch=4, batches=4)
+    remote = _epoch(_cfg([prefix], num_workers=2), batch=4, batches=4)
+    assert [b["keys"] for b in remote] == [b["keys"] for b in local]
+    np.testing.assert_array_equal(remote[-1]["audio"].numpy(), local[-1]["audio"].numpy())
+
+
+def test_manifest_written_by_the_kit_is_readable(corpus):
+    """The test kit writes the real format: manifest counts and shard sha256 match the files."""
+    root, records, _ = corpus
+    manifest = shard_format.read_manifest(str(root / "a"))
+    assert manifest.total_samples == len(records) == 64
+    first = manifest.shards[0]
+    assert shard_format.sha256_of(str(root / "a" / first.name)) == first.sha256
+    assert json.loads(io.BytesIO((root / "a" / "manifest.json").read_bytes()).read())["sbert_dim"] == 384

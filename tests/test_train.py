@@ -1,0 +1,210 @@
+"""The training entry point's pieces that need no process group: schedule, plan, DeepSpeed config, config checks,
+RNG state, and the run directory's checkpoint bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shardkit import write_shard_dir
+
+from relret import checkpoint as ckpt
+from relret.config import ConfigError, load_config, to_dict
+from relret.train import (
+    EXIT_BAD_CONFIG,
+    TrainConfig,
+    WarmupCosine,
+    config_differences,
+    deepspeed_config,
+    lr_at,
+    main,
+    make_plan,
+    rng_state,
+    set_rng_state,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+    """lr over 100 updates with 10 warm-up updates equals an independent numpy evaluation of the same curve."""
+    lr, min_lr, total, warm = 2e-5, 1e-7, 100, 10
+    got = np.array([lr_at(u, total, warm, lr, min_lr) for u in range(total)])
+    ramp = np.linspace(lr / warm, lr, warm)  # the first update already moves; the 10th is at the peak
+    theta = np.linspace(0.0, np.pi, total - warm)  # cosine from the peak (update 10) to min_lr (update 99)
+    want = np.concatenate([ramp, min_lr + (lr - min_lr) * (1 + np.cos(theta)) / 2])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-20)
+    assert got[warm - 1] == got[warm] == pytest.approx(lr) and got[-1] == pytest.approx(min_lr)
+    assert WarmupCosine(total, warm, lr, min_lr)(37) == pytest.approx(got[37] / lr)
+    assert lr_at(0, 5, 0, 1.0, 0.0) == 1.0  # no warm-up: the first update is at the peak
+
+
+def test_plan_splits_the_global_batch_or_names_the_key():
+    """32 per step over 4 ranks x 2 accumulation is 4 per micro-batch; 32 over 3 ranks is refused naming the key."""
+    cfg = load_config(TrainConfig, None, ["train.grad_accum_steps=2", "optim.warmup_epochs=1.5"])
+    plan = make_plan(cfg, world_size=4, total_train_samples=1000)
+    assert (plan.micro_batch_size, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (4, 31, 775, 46)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=32 is not divisible by 3 rank\(s\)"):
+        make_plan(load_config(TrainConfig), world_size=3, total_train_samples=1000)
+    with pytest.raises(ConfigError, match=r"an epoch of 20 samples .* is smaller than train.global_batch_size=32"):
+        make_plan(load_config(TrainConfig, None, ["data.samples_per_epoch=20"]), 1, 1000)
+
+
+def test_deepspeed_config_follows_the_run_config():
+    """AdamW without weight decay, clipping, ZeRO stage and micro-batching from the config; bf16 only as autocast."""
+    cfg = load_config(TrainConfig, None, ["train.zero_stage=2", "optim.grad_clip=0.5", "train.grad_accum_steps=2"])
+    plan = make_plan(cfg, world_size=2, total_train_samples=640)
+    ds = deepspeed_config(cfg, plan, bf16=True)
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.0
+    assert ds["optimizer"]["params"]["lr"] == 2e-5
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        32,
+        8,
+        2,
+    )
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    assert deepspeed_config(cfg, plan, bf16=False)["torch_autocast"]["enabled"] is False
+
+
+def test_paper_configs_hold_the_paper_settings():
+    """pretrain/finetune configs: batch 32 per step, 25 epochs, 2e-5 -> 1e-7, 1 warm-up epoch, PaSST-S stride 16,
+    RoBERTa-large, 1024-dim shared space, tau 0.05, 32 tokens, lower-cased captions without punctuation."""
+    for name in ("pretrain", "finetune_clotho", "finetune_audiocaps"):
+        cfg = load_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
+        assert (cfg.train.global_batch_size, cfg.train.epochs) == (32, 25)
+        assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.weight_decay) == (
+            2e-5,
+            1e-7,
+            1.0,
+            0.0,
+        )
+        a, t = cfg.model.audio, cfg.model.text
+        assert (a.embed_dim, a.depth, a.num_heads, a.stride, a.n_mels, a.window_s) == (768, 12, 12, 16, 128, 10.0)
+        assert (t.name_or_path, t.max_tokens, t.lowercase, t.strip_punctuation) == ("roberta-large", 32, True, True)
+        assert (cfg.model.embed_dim, cfg.loss.tau, cfg.loss.name) == (1024, 0.05, "listnet")
+    assert len(load_config(TrainConfig, REPO / "configs" / "pretrain.yaml").data.train) == 3
+    assert load_config(TrainConfig, REPO / "configs" / "finetune_audiocaps.yaml").data.crop_s == 10.0
+
+
+def test_resume_compares_configs_except_operational_keys():
+    """Changing workers or the checkpoint interval is allowed on resume; changing the learning rate is not."""
+    saved = to_dict(load_config(TrainConfig, TINY))
+    same = to_dict(load_config(TrainConfig, TINY, ["data.num_workers=3", "train.checkpoint_every_steps=7"]))
+    other = to_dict(load_config(TrainConfig, TINY, ["optim.lr=0.5", "loss.direction=both"]))
+    assert config_differences(saved, same) == []
+    assert config_differences(saved, other) == ["loss.direction", "optim.lr"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.epochz=3", r"unknown key train\.epochz; the keys of train are: epochs"),
+        ("train.zero_stage=3", r"train\.zero_stage: expected one of 0, 1, 2, got 3"),
+        ("optim.lr=fast", r"optim\.lr: expected a number, got 'fast'"),
+        ("loss.relevance.calibration=/nonexistent.yaml", r"relevance\.calibration: no file /nonexistent\.yaml"),
+        ("model.audio.weights=/nonexistent/passt.pt", r"model\.audio\.weights: no file /nonexistent/passt\.pt"),
+        ("data.sbert_dim=768", r"data\.sbert_dim=768 but the shards in .* hold 384-dimensional"),
+        ("train.global_batch_size=32", r"an epoch of 16 samples .* smaller than train.global_batch_size=32"),
+        ("train.grad_accum_steps=3", r"train.global_batch_size=8 is not divisible by 1 rank\(s\) x train.grad_acc"),
+        ("train.best_metric=t2a/loss", r"train\.best_metric='t2a/loss'"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, capsys, override, match):
+    """A bad key or value exits 2 with a message naming the key, before any model, data or DeepSpeed work: the run
+    directory holds only status.json saying "failed"."""
+    write_shard_dir(tmp_path / "shards", n_clips=16, per_shard=4)
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(TINY), "--run-dir", str(run_dir), f"data.train=[{{path: {tmp_path / 'shards'}}}]"]
+    argv += ["data.val=[]", override]
+    assert main(argv) == EXIT_BAD_CONFIG
+    assert re.search(match, capsys.readouterr().err)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["status.json"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and re.search(match, status["message"])
+
+
+def test_missing_shards_fail_before_any_work(tmp_path, capsys):
+    """A training path without shards exits 2 and says where shards were expected."""
+    argv = ["--config", str(TINY), "--run-dir", str(tmp_path / "run"), f"data.train=[{{path: {tmp_path}/none}}]"]
+    assert main(argv) == EXIT_BAD_CONFIG
+    assert f"no manifest.json in {tmp_path}/none" in capsys.readouterr().err
+
+
+def test_rng_state_round_trip():
+    """Python, numpy and torch generators continue identically after a JSON round trip of their state."""
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state()))
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def _fake_checkpoint(run_dir: Path, step: int) -> str:
+    tag = ckpt.tag_for_step(step)
+    d = run_dir / ckpt.CHECKPOINTS / tag
+    d.mkdir(parents=True)
+    (d / ckpt.MODEL_FILE).write_bytes(b"x")
+    (d / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    return tag
+
+
+def test_pointers_pruning_and_resolution(tmp_path):
+    """Pruning keeps the newest N plus the ones latest and best name; incomplete or missing checkpoints are never
+    pointed at; a run directory resolves to best, then latest."""
+    run = tmp_path / "run"
+    tags = [_fake_checkpoint(run, s) for s in (10, 20, 30, 40)]
+    (run / ckpt.CHECKPOINTS / "step-00000050").mkdir()  # incomplete: no state file
+    (run / ckpt.CHECKPOINTS / ".tmp-step-00000060").mkdir()
+    ckpt.write_pointer(run, ckpt.LATEST, tags[3])
+    assert ckpt.resolve_checkpoint(run) == run / ckpt.CHECKPOINTS / tags[3]
+    ckpt.write_pointer(run, ckpt.BEST, tags[0])
+    assert ckpt.resolve_checkpoint(run) == run / ckpt.CHECKPOINTS / tags[0]
+    assert ckpt.prune(run, keep_last=2) == [tags[1]]
+    assert ckpt.step_tags(run) == [tags[0], tags[2], tags[3]]
+    assert ckpt.remove_partial(run) == [".tmp-step-00000060"]
+    ckpt.write_pointer(run, ckpt.LATEST, "step-00000050")
+    assert ckpt.read_pointer(run, ckpt.LATEST) is None
+    with pytest.raises(ValueError, match="neither a run directory"):
+        ckpt.resolve_checkpoint(tmp_path)
+    (tmp_path / "empty" / ckpt.CHECKPOINTS).mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no complete checkpoint yet"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+def test_status_json_contract(tmp_path):
+    """status.json has exactly the contract's fields (plus an optional message) and refuses unknown states."""
+    ckpt.write_status(tmp_path, "interrupted", 12, 1, 100, "step-00000012", "/x/ckpt")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert set(status) == {"state", "step", "epoch", "total_steps", "checkpoint", "init_from", "updated"}
+    assert (status["state"], status["step"], status["checkpoint"]) == ("interrupted", 12, "step-00000012")
+    with pytest.raises(ValueError, match="unknown run state 'paused'"):
+        ckpt.write_status(tmp_path, "paused", 0, 0, 0, None, None)
+
+
+def test_checkpoint_without_latest_pointer_is_found(tmp_path, capsys):
+    """A run killed after renaming a complete checkpoint but before replacing `latest` resumes from that checkpoint
+    (here: a completed one, so the rerun says so and exits 0 without training)."""
+    from relret.config import dump_yaml
+
+    write_shard_dir(tmp_path / "shards", n_clips=16, per_shard=4)
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(TINY), "--run-dir", str(run_dir), f"data.train=[{{path: {tmp_path / 'shards'}}}]"]
+    argv += ["data.val=[]"]
+    cfg = load_config(TrainConfig, TINY, argv[4:])
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    tag = _fake_checkpoint(run_dir, 6)
+    state = {"step": 6, "epoch": 2, "step_in_epoch": 2, "completed": True}
+    (run_dir / ckpt.CHECKPOINTS / tag / ckpt.STATE_FILE).write_text(json.dumps(state))
+    assert main(argv) == 0
+    assert f"already completed at step 6 ({tag})" in capsys.readouterr().out
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
