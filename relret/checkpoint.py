@@ -58,18 +58,9 @@ def step_of_tag(tag: str) -> int:
     return int(m.group(1))
 
 
-def _umask_mode(path: str) -> None:
-    # Temporary files are created 0600; what the run publishes gets the usual permissions (the launcher, or a
-    # colleague, may read the run directory as another user).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_local_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
-        _umask_mode(tmp)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -181,7 +172,6 @@ def save_model_files(ckpt_dir: str | Path, model: torch.nn.Module, config_yaml: 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     with atomic_local_file(ckpt_dir / MODEL_FILE) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "producer": "relret"})
-        _umask_mode(tmp)
     write_text_atomic(ckpt_dir / CONFIG_FILE, config_yaml)
     text = model.text_encoder
     text.model.config.save_pretrained(str(ckpt_dir / TEXT_DIR))

@@ -155,6 +155,25 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=0)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (exact gradients).
+
+    Public collectives only: torch.distributed.nn.functional.all_gather is deprecated in favour of a private API.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(stacked)  # every rank's gradient w.r.t. every slice, summed
+        return stacked[dist.get_rank()]
+
+
 def all_gather_cat(x: torch.Tensor, with_grad: bool, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate `x` [n_r, ...] from every rank in rank order -> [sum n_r, ...]; ranks may hold different n_r.
 
@@ -167,9 +186,7 @@ def all_gather_cat(x: torch.Tensor, with_grad: bool, sizes: list[int] | None = N
     sizes = gather_sizes(x.shape[0], x.device) if sizes is None else sizes
     padded = _pad_rows(x, max(sizes))
     if with_grad:
-        from torch.distributed.nn.functional import all_gather as autograd_all_gather
-
-        parts = list(autograd_all_gather(padded))
+        parts = list(_AllGatherWithGrad.apply(padded))
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.detach().contiguous())

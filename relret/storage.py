@@ -142,6 +142,7 @@ def atomic_local_file(url: str | os.PathLike, staging_dir: str | None = None) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp
         if is_s3(url):
@@ -151,6 +152,12 @@ def atomic_local_file(url: str | os.PathLike, staging_dir: str | None = None) ->
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _webdataset_s3_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs) -> IO[bytes]:

@@ -37,7 +37,6 @@ import signal
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -49,9 +48,6 @@ from relret import distributed
 from relret.config import ConfigError, LossConfig, check_choices, dump_yaml, from_dict, load_config, to_dict
 from relret.data import DataConfig
 from relret.models import ModelConfig
-
-# torch deprecates the collectives relret.distributed uses (still correct in torch 2.13): say it once, not every step.
-warnings.filterwarnings("once", message=r".*all_gather.* is deprecated.*", category=FutureWarning)
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -112,3 +113,6 @@ def test_atomic_local_file_leaves_nothing_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
     storage.write_bytes(target, b"done")
     assert target.read_bytes() == b"done" and len(list(tmp_path.iterdir())) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
