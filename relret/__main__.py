@@ -6,8 +6,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "calibrate": ("relret.calibrate", "fit the relevance function's constants to crowdsourced ratings"),
-    "demo": ("relret.demo", "the embedded run on this machine (what `make demo` calls)"),
+    "calibrate": ("relret.calibrate:main", "fit the relevance function's constants to crowdsourced ratings"),
+    "evaluate": ("relret.evaluate:main", "mAP@10, R@k, hit@k of a model on evaluation shards (both directions)"),
+    "table": ("relret.results:main_table", "Table II of several methods' evaluations, mean ± sd over seeds"),
+    "compare": ("relret.results:main_compare", "paired t-test of two evaluations on per-query AP@10"),
+    "index": ("relret.index:main_index", "a faiss index of a collection's audio embeddings"),
+    "search": ("relret.index:main_search", "text queries against an index"),
+    "export": ("relret.retrieval:main_export", "a self-contained model directory for RetrievalModel.from_pretrained"),
+    "demo": ("relret.demo:main", "the embedded run on this machine (what `make demo` calls)"),
 }
 
 
@@ -21,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module_name), function)(argv[1:]) or 0
 
 
 if __name__ == "__main__":

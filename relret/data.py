@@ -125,8 +125,9 @@ class ShardSet:
         return sum(self.samples)
 
 
-def open_shard_dir(path: str, sbert_dim: int, weight: float | None = None, what: str = "data.train") -> ShardSet:
-    """Read and check a shard directory: manifest present, shards present, embedding dimension as configured."""
+def open_shard_dir(path: str, sbert_dim: int | None, weight: float | None = None, what: str = "data.train") -> ShardSet:
+    """Read and check a shard directory: manifest present, shards present, embedding dimension as configured
+    (`sbert_dim` None: whatever the manifest says, for readers that do not use the vectors)."""
     if storage.is_s3(path):
         storage.register_webdataset_s3()
     try:
@@ -148,7 +149,7 @@ def open_shard_dir(path: str, sbert_dim: int, weight: float | None = None, what:
     shards = [s for s in manifest.shards if s.samples > 0]
     if not shards:
         raise ValueError(f"{what}: the manifest in {path} lists no shard with samples")
-    if manifest.sbert_dim != sbert_dim:
+    if sbert_dim is not None and manifest.sbert_dim != sbert_dim:
         raise ValueError(
             f"data.sbert_dim={sbert_dim} but the shards in {path} hold {manifest.sbert_dim}-dimensional Sentence-BERT "
             f"vectors ({manifest.sbert_model}); set data.sbert_dim={manifest.sbert_dim} or rebuild the shards"
@@ -283,6 +284,7 @@ class _Clip:
     caption_sbert: np.ndarray
     all_sbert: np.ndarray
     all_captions: list[str]
+    source_file: str = ""
 
 
 def _decode(raw: dict, sbert_dim: int) -> shard_format.Sample:
@@ -466,6 +468,7 @@ class ValStream(IterableDataset):
                     caption_sbert=sample.sbert[0].astype(np.float32),
                     all_sbert=sample.sbert.astype(np.float32),
                     all_captions=list(sample.meta.captions),
+                    source_file=sample.meta.source_file,
                 )
             )
             if len(clips) == self.cfg.val_batch_size:
@@ -477,6 +480,7 @@ class ValStream(IterableDataset):
     def _batch(self, clips: list[_Clip]) -> dict[str, Any]:
         batch = collate(clips, max(len(c.all_captions) for c in clips))
         batch["all_captions"] = [c.all_captions for c in clips]
+        batch["source_files"] = [c.source_file for c in clips]
         return batch
 
 

@@ -9,13 +9,12 @@ where faiss was built with GPU support and a GPU is visible, on CPU otherwise.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from relret.storage import atomic_local_dir
 
 INDEX_FILE = "index.faiss"
 NAMES_FILE = "names.json"
@@ -84,20 +83,11 @@ class AudioIndex:
 
     def save(self, directory: str | Path) -> None:
         faiss = _faiss()
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_local_dir(directory) as tmp:
             faiss.write_index(cpu_index, str(tmp / INDEX_FILE))
             (tmp / NAMES_FILE).write_text(json.dumps(self.names, ensure_ascii=False), encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     @classmethod
     def load(cls, directory: str | Path) -> AudioIndex:
@@ -115,3 +105,94 @@ class AudioIndex:
         if index.ntotal != len(names):
             raise ValueError(f"{directory}: the index holds {index.ntotal} vectors but names.json {len(names)} names")
         return cls(index, names, meta)
+
+
+def _embed_shard_audio(model, shard_dirs: Sequence[str], batch_size: int, max_duration_s: float):
+    """(embeddings [N, E], names) of every clip in the shard directories, read with the training reader."""
+    import torch
+
+    from relret.data import DataConfig, ValStream, make_loader
+    from relret.evaluate import _open_shards
+
+    sets = _open_shards(shard_dirs)
+    cfg = DataConfig(
+        sbert_dim=sets[0].manifest.sbert_dim,
+        val_crop_s=max_duration_s,
+        val_batch_size=batch_size,
+        num_workers=1,
+        prefetch_factor=2,
+    )
+    embeddings, names = [], []
+    with torch.no_grad():
+        for batch in make_loader(ValStream(sets, cfg, 0, 1), cfg):
+            emb = model.model.encode_audio(
+                batch["audio"].to(model.device), batch["audio_len"].to(model.device), normalize=True
+            )
+            embeddings.append(emb.float().cpu().numpy())
+            names.extend(batch["source_files"])
+    return np.concatenate(embeddings), names
+
+
+def main_index(argv: Sequence[str] | None = None) -> int:
+    """`python -m relret index --model M (--shards DIR... | --audio-dir DIR) --out INDEX_DIR`."""
+    import argparse
+    import sys
+
+    from relret.retrieval import RetrievalModel
+
+    parser = argparse.ArgumentParser(prog="python -m relret index", description=main_index.__doc__)
+    parser.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", nargs="+", help="shard directories whose clips to index")
+    source.add_argument("--audio-dir", help="a folder of audio files (any format libsndfile reads) to index")
+    parser.add_argument("--pattern", default="*.wav", help="file glob under --audio-dir (recursive with **/)")
+    parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument("--max-duration-s", type=float, default=30.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    try:
+        model = RetrievalModel.load(args.model)
+        if args.shards:
+            emb, names = _embed_shard_audio(model, args.shards, args.batch_size, args.max_duration_s)
+        else:
+            files = sorted(p for p in Path(args.audio_dir).glob(args.pattern) if p.is_file())
+            if not files:
+                raise ValueError(f"no file matches {args.pattern} under {args.audio_dir}")
+            emb = model.encode_audio_files(files, args.max_duration_s, args.batch_size)
+            names = [str(p.relative_to(args.audio_dir)) for p in files]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"index: {exc}", file=sys.stderr)
+        return 2
+    meta = {"model": str(Path(args.model).resolve()), "source": args.shards or args.audio_dir}
+    AudioIndex.build(emb, names, meta).save(args.out)
+    print(f"indexed {len(names)} clips into {args.out} (dimension {emb.shape[1]})")
+    return 0
+
+
+def main_search(argv: Sequence[str] | None = None) -> int:
+    """`python -m relret search "a dog barks in the rain" --index DIR [-k 10] [--model M]`."""
+    import argparse
+    import sys
+
+    from relret.retrieval import RetrievalModel
+
+    parser = argparse.ArgumentParser(prog="python -m relret search", description=main_search.__doc__)
+    parser.add_argument("queries", nargs="+", help="one or more text queries")
+    parser.add_argument("--index", required=True, help="index directory written by `python -m relret index`")
+    parser.add_argument(
+        "--model", default=None, help="model to embed the queries (default: the one that built the index)"
+    )
+    parser.add_argument("-k", type=int, default=10, help="results per query")
+    args = parser.parse_args(argv)
+    try:
+        index = AudioIndex.load(args.index).to_gpu_if_available()
+        model = RetrievalModel.load(args.model or str(index.meta["model"]))
+        hits = index.search(model.encode_text(args.queries), args.k)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
+    for query, results in zip(args.queries, hits):
+        print(f"{query}")
+        for rank, (name, score) in enumerate(results, start=1):
+            print(f"  {rank:>2}. {score:6.3f}  {name}")
+    return 0

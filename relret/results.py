@@ -219,3 +219,62 @@ def dcase_submission_rows(
         for caption, ranked in zip(captions[start : start + 1024], idx.tolist()):
             rows.append([caption] + [file_names[j] for j in ranked])
     return rows
+
+
+def _load_group(spec: str) -> tuple[str, list[EvalResult]]:
+    """`NAME=PATH[,PATH...]` -> (NAME, results); a PATH is an eval.json or a directory holding one."""
+    name, sep, paths = spec.partition("=")
+    if not sep or not name or not paths:
+        raise ValueError(f"--method {spec!r} is not of the form NAME=EVAL_DIR[,EVAL_DIR...]")
+    return name, [EvalResult.load(p) for p in paths.split(",")]
+
+
+def main_table(argv: Sequence[str] | None = None) -> int:
+    """`python -m relret table --method NAME=EVAL[,EVAL..] ... [--out DIR]`: Table II over seeds."""
+    import argparse
+    import sys
+
+    from relret.storage import write_bytes
+
+    parser = argparse.ArgumentParser(prog="python -m relret table", description=main_table.__doc__)
+    parser.add_argument("--method", action="append", required=True, help="NAME=EVAL_DIR[,EVAL_DIR...] (one per seed)")
+    parser.add_argument("--out", default=None, help="directory for table2.md and table2.json")
+    args = parser.parse_args(argv)
+    try:
+        methods = dict(_load_group(spec) for spec in args.method)
+    except ValueError as exc:
+        print(f"table: {exc}", file=sys.stderr)
+        return 2
+    text = format_table2(methods)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        write_bytes(out / "table2.md", (text + "\n").encode())
+        write_bytes(out / "table2.json", json.dumps(table2(methods), indent=2).encode())
+    return 0
+
+
+def main_compare(argv: Sequence[str] | None = None) -> int:
+    """`python -m relret compare RUN_A RUN_B`: paired t-test on per-query AP@10 (both directions)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m relret compare", description=main_compare.__doc__)
+    parser.add_argument("run_a", help="eval.json or the evaluation directory holding it")
+    parser.add_argument("run_b")
+    parser.add_argument("--metric", default="AP@10", help="per-query metric to compare (AP@10, R@1, R@5, R@10, ...)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        a, b = EvalResult.load(args.run_a), EvalResult.load(args.run_b)
+        results = [paired_ttest(a, b, d, args.metric) for d in DIRECTIONS]
+    except ValueError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    for res in results:
+        print(format_ttest(str(a.info.get("name", args.run_a)), str(b.info.get("name", args.run_b)), res))
+    if args.out:
+        from relret.storage import write_bytes
+
+        write_bytes(args.out, json.dumps(results, indent=2).encode())
+    return 0

@@ -142,7 +142,7 @@ def atomic_local_file(url: str | os.PathLike, staging_dir: str | None = None) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp
         if is_s3(url):
@@ -154,7 +154,25 @@ def atomic_local_file(url: str | os.PathLike, staging_dir: str | None = None) ->
             os.unlink(tmp)
 
 
-def _umask() -> int:
+@contextmanager
+def atomic_local_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it replaces `target` (an older one is removed first),
+    on error it is deleted, so `target` never holds a half-written set of files."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

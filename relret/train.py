@@ -494,38 +494,17 @@ def _batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def validate(model, val_sets, cfg: TrainConfig, info, device: torch.device, bf16: bool) -> dict[str, float]:
     """t2a and a2t retrieval metrics over all validation clips (every caption a query); the same on every rank."""
-    from relret.data import ValStream, make_loader
-    from relret.metrics import retrieval_metrics_from_embeddings
+    from relret.evaluate import embed_collection, evaluate_collection
 
     model.eval()
-    audio, audio_ids, text, text_ids = [], [], [], []
-    loader = make_loader(ValStream(val_sets, cfg.data, info.rank, info.world_size), cfg.data)
     try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            for batch in loader:
-                batch = _batch_to(batch, device)
-                audio.append(model.encode_audio(batch["audio"], batch["audio_len"], normalize=True))
-                audio_ids.append(batch["clip_ids"])
-                captions = [c for caps in batch["all_captions"] for c in caps]
-                ids = [int(i) for i, caps in zip(batch["clip_ids"], batch["all_captions"]) for _ in caps]
-                text.append(model.encode_text(captions, normalize=True))
-                text_ids.append(torch.tensor(ids, dtype=torch.long, device=device))
+        collection = embed_collection(model, val_sets, cfg.data, device, bf16)
     finally:
-        del loader
         model.train()
-    dim = cfg.model.embed_dim
-    cat = lambda xs, shape, dtype: torch.cat(xs) if xs else torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-    all_audio = distributed.all_gather_cat(cat(audio, (0, dim), torch.float32).float(), with_grad=False)
-    all_audio_ids = distributed.all_gather_cat(cat(audio_ids, (0,), torch.long), with_grad=False)
-    all_text = distributed.all_gather_cat(cat(text, (0, dim), torch.float32).float(), with_grad=False)
-    all_text_ids = distributed.all_gather_cat(cat(text_ids, (0,), torch.long), with_grad=False)
-    if all_audio.shape[0] == 0:
-        raise RuntimeError("validation shards gave no readable clip")
-    out = {"val_clips": float(all_audio.shape[0]), "val_captions": float(all_text.shape[0])}
-    for name, value in retrieval_metrics_from_embeddings(all_text, all_audio, all_text_ids, all_audio_ids).items():
-        out[f"t2a/{name}"] = value
-    for name, value in retrieval_metrics_from_embeddings(all_audio, all_text, all_audio_ids, all_text_ids).items():
-        out[f"a2t/{name}"] = value
+    result = evaluate_collection(collection, what="validation")
+    out = {"val_clips": float(result.info["n_clips"]), "val_captions": float(result.info["n_captions"])}
+    for direction, metrics in result.metrics.items():
+        out.update({f"{direction}/{name}": value for name, value in metrics.items()})
     return out
 
 

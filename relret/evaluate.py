@@ -1,0 +1,204 @@
+"""`python -m relret evaluate`: retrieval metrics of a trained model on evaluation shards.
+
+    python -m relret evaluate --model runs/finetune_clotho --shards shards/clotho/evaluation --out runs/eval/clotho
+    deepspeed --num_gpus 8 -m relret evaluate ...      # or torchrun/srun: embeddings computed on all ranks
+
+Every clip of the shards is embedded once and every caption once, in batches, split over ranks and DataLoader
+workers (the reader training validation uses, so the two agree). Text-to-audio: each caption queries the clips;
+audio-to-text: each clip queries the captions. Writes OUT/eval.json (metrics and per-query values, see
+`relret.results.EvalResult`), OUT/metrics.md and, with --dcase, OUT/dcase_submission.csv
+(`caption,file_name_1,...,file_name_10`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from relret import distributed
+
+
+@dataclasses.dataclass
+class Collection:
+    """Unit-norm embeddings of every clip and caption of a shard set, gathered from all ranks (rank order)."""
+
+    audio: torch.Tensor
+    """[N, E] one per clip."""
+    clip_ids: torch.Tensor
+    """[N] (CPU)."""
+    text: torch.Tensor
+    """[M, E] one per caption."""
+    text_clip_ids: torch.Tensor
+    """[M] the clip each caption belongs to (CPU)."""
+    text_caption_index: list[int]
+    """[M] position of each caption among its clip's captions."""
+    captions: list[str]
+    """[M] caption texts (only when embedded `with_names`, else empty)."""
+    source_files: list[str]
+    """[N] source file names (only `with_names`)."""
+
+
+def _gather_objects(items: list) -> list:
+    if distributed.get_world_size() == 1:
+        return items
+    parts: list[list] = [[] for _ in range(distributed.get_world_size())]
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+@torch.no_grad()
+def embed_collection(
+    model,
+    shard_sets: Sequence,
+    data_cfg,
+    device: torch.device,
+    bf16: bool = False,
+    with_names: bool = False,
+) -> Collection:
+    """Embed every clip and caption of `shard_sets` (relret.data.ShardSet) once across all ranks and workers."""
+    from relret.data import ValStream, make_loader
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    audio, clip_ids, text, text_ids, caption_index, captions, sources = [], [], [], [], [], [], []
+    loader = make_loader(ValStream(shard_sets, data_cfg, rank, world), data_cfg)
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            for batch in loader:
+                audio.append(
+                    model.encode_audio(batch["audio"].to(device), batch["audio_len"].to(device), normalize=True)
+                )
+                clip_ids.append(batch["clip_ids"])
+                batch_captions = [c for caps in batch["all_captions"] for c in caps]
+                text.append(model.encode_text(batch_captions, normalize=True))
+                for clip_id, caps in zip(batch["clip_ids"].tolist(), batch["all_captions"]):
+                    text_ids.extend([clip_id] * len(caps))
+                    caption_index.extend(range(len(caps)))
+                if with_names:
+                    captions.extend(batch_captions)
+                    sources.extend(batch["source_files"])
+    finally:
+        del loader
+    dim = model.cfg.embed_dim
+    local_audio = torch.cat(audio).float() if audio else torch.zeros(0, dim, device=device)
+    local_text = torch.cat(text).float() if text else torch.zeros(0, dim, device=device)
+    local_ids = torch.cat(clip_ids) if clip_ids else torch.zeros(0, dtype=torch.long)
+    gathered_ids = distributed.all_gather_cat(local_ids.to(device), with_grad=False).cpu()
+    gathered_text_ids = distributed.all_gather_cat(torch.tensor(text_ids, dtype=torch.long, device=device), False)
+    return Collection(
+        audio=distributed.all_gather_cat(local_audio, with_grad=False),
+        clip_ids=gathered_ids,
+        text=distributed.all_gather_cat(local_text, with_grad=False),
+        text_clip_ids=gathered_text_ids.cpu(),
+        text_caption_index=_gather_objects(caption_index),
+        captions=_gather_objects(captions) if with_names else [],
+        source_files=_gather_objects(sources) if with_names else [],
+    )
+
+
+def evaluate_collection(collection: Collection, info: dict | None = None, what: str = "evaluation"):
+    """The EvalResult of a collection (both directions, per-query values); `what` names the set in errors."""
+    from relret.results import evaluate_embeddings
+
+    if collection.audio.shape[0] == 0:
+        raise RuntimeError(f"the {what} shards gave no readable clip")
+    return evaluate_embeddings(
+        collection.audio,
+        collection.clip_ids,
+        collection.text,
+        collection.text_clip_ids,
+        collection.text_caption_index,
+        info,
+    )
+
+
+def _open_shards(paths: Sequence[str]):
+    """The shard sets, which must agree on the Sentence-BERT dimension (the reader checks every sample against it)."""
+    from relret.data import open_shard_dir
+
+    sets = [open_shard_dir(p, None, what="--shards") for p in paths]
+    dims = {s.manifest.sbert_dim for s in sets}
+    if len(dims) > 1:
+        raise ValueError(f"--shards mix Sentence-BERT dimensions {sorted(dims)}; evaluate them separately")
+    return sets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relret evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
+    parser.add_argument("--shards", nargs="+", required=True, help="evaluation shard directories (local or s3://)")
+    parser.add_argument("--out", required=True, help="output directory for eval.json, metrics.md, the DCASE file")
+    parser.add_argument("--max-duration-s", type=float, default=30.0, help="clips are cut to their first N seconds")
+    parser.add_argument("--batch-size", type=int, default=32, help="clips per batch and rank")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    parser.add_argument("--dcase", action="store_true", help="also write dcase_submission.csv (text-to-audio top 10)")
+    parser.add_argument("--name", default=None, help="label of this result in tables (default: the model path)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from relret.data import DataConfig
+    from relret.results import dcase_submission_rows, format_table2
+    from relret.retrieval import RetrievalModel
+
+    info = distributed.init_distributed()
+    try:
+        try:
+            sets = _open_shards(args.shards)
+            model = RetrievalModel.load(args.model)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"evaluate: {exc}", file=sys.stderr)
+            return 2
+        data_cfg = DataConfig(
+            sbert_dim=sets[0].manifest.sbert_dim,
+            val_crop_s=args.max_duration_s,
+            val_batch_size=args.batch_size,
+            num_workers=args.workers,
+            prefetch_factor=2,
+        )
+        bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        collection = embed_collection(model.model, sets, data_cfg, model.device, bf16, with_names=True)
+        result = evaluate_collection(
+            collection,
+            {
+                "model": model.source,
+                "name": args.name or str(args.model),
+                "shards": list(args.shards),
+                "max_duration_s": args.max_duration_s,
+            },
+        )
+        if info.is_main:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            from relret.storage import write_bytes
+
+            write_bytes(out / "eval.json", result.to_json().encode())
+            table = format_table2({args.name or Path(args.model).name: [result]})
+            write_bytes(out / "metrics.md", (table + "\n").encode())
+            if args.dcase:
+                rows = dcase_submission_rows(
+                    collection.text.cpu().numpy(),
+                    collection.captions,
+                    collection.audio.cpu().numpy(),
+                    collection.source_files,
+                )
+                _write_csv(out / "dcase_submission.csv", ["caption"] + [f"file_name_{i}" for i in range(1, 11)], rows)
+            print(table)
+            print(f"wrote {out}/eval.json ({result.info['n_clips']} clips, {result.info['n_captions']} captions)")
+        return 0
+    finally:
+        distributed.cleanup_distributed()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    from relret.storage import atomic_local_file
+
+    with atomic_local_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
