@@ -1,0 +1,306 @@
+"""The sbatch scripts and the launcher against a real SLURM: two emulated nodes on this machine (slurm/localcluster.sh).
+
+tests/slurm_probe.py stands in for relret/train.py where the test is about launching, signals, requeue and
+dependencies rather than training; the end-to-end test at the bottom runs the real training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import slurm
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = REPO / "tests" / "slurm_probe.py"
+
+pytestmark = pytest.mark.slurm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def probe_env(**extra: str) -> dict[str, str]:
+    """The environment sbatch exports to a job whose training is the probe."""
+    env = {**os.environ, "RELRET_PYTHON": sys.executable, "RELRET_TRAIN_SCRIPT": str(PROBE), **extra}
+    env.pop("RELRET_MAX_RESTARTS", None)
+    env.update(extra)
+    return env
+
+
+def submit(script: str, sbatch_opts: list[str], args: list[str], env: dict[str, str]) -> str:
+    return slurm.sbatch([*sbatch_opts, str(REPO / "slurm" / script), *args], env=env)
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def wait_job(job_id: str, timeout_s: float = 120, log: Path | None = None) -> slurm.JobInfo:
+    """Wait until the job has ended (not pending, running or requeued); returns its final state."""
+
+    def ended() -> slurm.JobInfo | None:
+        info = slurm.job_info(job_id)
+        return None if info.active else info
+
+    try:
+        return wait_until(ended, timeout_s, f"job {job_id}")
+    except AssertionError:
+        tail = log.read_text()[-3000:] if log is not None and log.is_file() else "(no log)"
+        raise AssertionError(
+            f"job {job_id} still {slurm.job_info(job_id).state} after {timeout_s} s; log:\n{tail}"
+        ) from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def launcher_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cluster script
+
+
+def _listening_ports_on(address_hex: str) -> set[int]:
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, port = local.split(":")
+        if state == "0A" and addr == address_hex:  # LISTEN
+            ports.add(int(port, 16))
+    return ports
+
+
+def test_localcluster_starts_two_nodes_on_loopback_and_stops_by_pid(tmp_path_factory):
+    """A second cluster from the script: both nodes idle, every daemon on 127.0.0.1, every PID gone after stop."""
+    import tempfile
+
+    if subprocess.run(["which", "slurmctld"], capture_output=True).returncode != 0:
+        pytest.skip("SLURM is not installed here: apt-get install slurm-wlm munge")
+    state = Path(tempfile.mkdtemp(prefix="relret-slurm-check-"))
+    script = REPO / "slurm" / "localcluster.sh"
+    try:
+        start = subprocess.run([script, "start", state], capture_output=True, text=True, timeout=180)
+        assert start.returncode == 0, start.stderr
+        assert start.stdout.strip() == f"export SLURM_CONF={state}/slurm.conf"
+        env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+        nodes = subprocess.run(
+            ["sinfo", "--noheader", "--Node", "--format=%N %T %G"], capture_output=True, text=True, env=env
+        ).stdout.split("\n")
+        assert [n.split() for n in nodes if n] == [["relret-n1", "idle", "gpu:2"], ["relret-n2", "idle", "gpu:2"]]
+        conf = (state / "slurm.conf").read_text()
+        ports = {int(p) for p in re.findall(r"(?:SlurmctldPort|Port)=(\d+)", conf)}
+        assert len(ports) == 3
+        assert ports <= _listening_ports_on("0100007F")  # 127.0.0.1
+        assert not ports & _listening_ports_on("00000000")  # not 0.0.0.0
+        pid_files = [state / "munge" / "munged.pid", state / "slurmctld.pid"] + [
+            state / f"slurmd-relret-n{i}.pid" for i in (1, 2)
+        ]
+        pids = [int(p.read_text()) for p in pid_files]
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+    finally:
+        stop = subprocess.run([script, "stop", state], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not any(p.exists() for p in pid_files)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sbatch scripts
+
+
+def test_pretrain_script_starts_one_process_per_gpu_on_both_nodes(slurm_cluster, tmp_path):
+    """2 nodes x 2 fake GPUs: 4 processes, local ranks 0 and 1 on each node, a real gloo all_reduce over all four,
+    the master address the first node of the node list; one log per job."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "pretrain.log"
+    opts = ["--nodes=2", "--gpus-per-node=2", "--ntasks-per-node=2", f"--output={log}"]
+    args = ["--config", "configs/x.yaml", "--run-dir", str(run_dir), "collective=1", "mode=complete"]
+    job_id = submit("pretrain.sh", opts, args, probe_env())
+    info = wait_job(job_id, log=log)
+    assert (info.state, info.exit_code) == ("COMPLETED", "0:0"), log.read_text()
+    ranks = sorted(read_jsonl(run_dir / "probe.jsonl"), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    assert {(r["node"], r["local_rank"]) for r in ranks} == {
+        ("relret-n1", 0),
+        ("relret-n1", 1),
+        ("relret-n2", 0),
+        ("relret-n2", 1),
+    }
+    assert all(r["world_size"] == 4 and r["sum"] == 1 + 2 + 3 + 4 for r in ranks)
+    assert {r["master_addr"] for r in ranks} == {"relret-n1"}
+    assert {r["cuda_visible_devices"] for r in ranks} == {"0,1"}
+    assert {r["omp_num_threads"] for r in ranks} == {"1"}
+    assert "training finished (exit 0)" in log.read_text()
+
+
+def test_gpus_without_one_process_per_gpu_are_refused(slurm_cluster, tmp_path):
+    """--gpus-per-node=2 with the script's default of one task per node fails at once, naming the fix."""
+    log = tmp_path / "pretrain.log"
+    args = ["--config", "configs/x.yaml", "--run-dir", str(tmp_path / "run")]
+    job_id = submit("pretrain.sh", ["--gpus-per-node=2", f"--output={log}"], args, probe_env())
+    info = wait_job(job_id, log=log)
+    assert (info.state, info.exit_code) == ("FAILED", "2:0")
+    assert "one training process per GPU needs --ntasks-per-node=2" in log.read_text()
+    assert not (tmp_path / "run" / "probe.jsonl").exists()
+
+
+def test_warning_signal_checkpoints_requeues_and_stops_at_the_restart_limit(slurm_cluster, tmp_path):
+    """SIGUSR1 (the time-limit warning) and SIGTERM to the batch script both reach every rank as SIGUSR1; the job
+    requeues itself (same job, SLURM_RESTART_COUNT 1, 2), appends to one log, and stops at RELRET_MAX_RESTARTS."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "pretrain.log"
+    args = ["--config", "configs/x.yaml", "--run-dir", str(run_dir), "mode=wait"]
+    job_id = submit("pretrain.sh", ["--nodes=2", f"--output={log}"], args, probe_env(RELRET_MAX_RESTARTS="2"))
+    latencies = []
+    for restart, sig in enumerate(["USR1", "TERM", "USR1"]):
+        wait_until(lambda r=restart: (run_dir / f"ready-{r}").exists(), 120, f"attempt {restart} to start")
+        subprocess.run(["scancel", "--batch", f"--signal={sig}", job_id], check=True)
+        sent = time.monotonic()
+        if restart < 2:
+            wait_until(lambda r=restart: (run_dir / f"ready-{r + 1}").exists(), 120, f"restart {restart + 1}")
+            latencies.append(time.monotonic() - sent)
+    info = wait_job(job_id, log=log)
+    text = log.read_text()
+    assert (info.state, info.exit_code, info.restarts) == ("FAILED", "75:0", 2), text
+    signals = read_jsonl(run_dir / "signals.jsonl")
+    assert sorted((s["restart"], s["rank"], s["signal"]) for s in signals) == [
+        (r, rank, "SIGUSR1") for r in range(3) for rank in range(2)
+    ]
+    assert "caught SIGTERM: sending SIGUSR1 to the step" in text
+    assert text.count("requeueing (restart") == 2
+    assert "not requeueing: the job has restarted 2 time(s) and RELRET_MAX_RESTARTS=2" in text
+    print(f"signal-to-restarted latencies: {', '.join(f'{s:.1f} s' for s in latencies)}")
+
+
+def test_failure_requeues_only_while_training_makes_progress(slurm_cluster, tmp_path):
+    """A failure after progress (status.json's step advanced) is requeued; the same failure with no progress is not."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "pretrain.log"
+    args = ["--config", "c.yaml", "--run-dir", str(run_dir), "mode=fail", "exit_code=7", "progress_until=1"]
+    job_id = submit("pretrain.sh", ["--nodes=2", f"--output={log}"], args, probe_env(RELRET_MAX_RESTARTS="5"))
+    info = wait_job(job_id, log=log)
+    text = log.read_text()
+    assert (info.state, info.exit_code, info.restarts) == ("FAILED", "7:0", 1), text
+    assert "training failed (exit 7) after progressing from step -1 to 10; requeueing (restart 1 of at most 5)" in text
+    assert "training failed (exit 7) without progress in this attempt (step 10); not requeueing" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The launcher
+
+
+def write_pipeline(path: Path, run_root: Path, pretrain_overrides: list[str]) -> Path:
+    """pretrain (2 nodes) -> fine-tune A and B (init_from pretrain) -> evaluate (a command), with the probe."""
+    config = {
+        "run_root": str(run_root),
+        "train_script": str(PROBE),
+        "max_restarts": 0,
+        "resources": {"ntasks_per_node": 1},
+        "stages": {
+            "pretrain": {"config": "configs/p.yaml", "overrides": pretrain_overrides, "resources": {"nodes": 2}},
+            "finetune_a": {"config": "configs/a.yaml", "init_from": "pretrain"},
+            "finetune_b": {"config": "configs/b.yaml", "init_from": "pretrain", "overrides": ["mode=sleep"]},
+            "evaluate": {
+                "script": "slurm/evaluate.sh",
+                "command": ["bash", "-c", "echo {stages[finetune_a]} {stages[finetune_b]} > {run_dir}/evaluated"],
+                "after": ["finetune_a", "finetune_b"],
+            },
+        },
+    }
+    for name in ("p", "a", "b"):
+        (path.parent / "configs").mkdir(exist_ok=True)
+        (path.parent / "configs" / f"{name}.yaml").write_text("{}\n")
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def status_rows(run_root: Path) -> dict[str, dict]:
+    proc = launcher_cli("status", str(run_root), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {row["stage"]: row for row in json.loads(proc.stdout)}
+
+
+def stage_jobs(run_root: Path) -> dict[str, list[str]]:
+    state = json.loads((run_root / "pipeline.json").read_text())
+    return {name: record["job_ids"] for name, record in state["stages"].items()}
+
+
+def test_pipeline_cancels_dependants_of_a_failed_stage_then_resumes_without_redoing(slurm_cluster, tmp_path):
+    """A failed parent cancels its dependants (status says so); submitting again resubmits only what is not done and
+    not queued, chained afterok; a third submission submits nothing."""
+    run_root = tmp_path / "runs"
+    cwd = tmp_path
+    env = {**os.environ}
+
+    def pipeline(overrides: list[str]) -> subprocess.CompletedProcess:
+        cfg = write_pipeline(tmp_path / "pipeline.yaml", run_root, overrides)
+        return subprocess.run(
+            [sys.executable, "-m", "launcher", "pipeline", "--config", str(cfg)],
+            capture_output=True, text=True, cwd=cwd, env=env, timeout=120,
+        )  # fmt: skip
+
+    first = pipeline(["mode=fail", "exit_code=3"])
+    assert first.returncode == 0, first.stderr
+    jobs = stage_jobs(run_root)
+    assert all(len(ids) == 1 for ids in jobs.values())
+    assert f"squeue -j {','.join(ids[0] for ids in jobs.values())}" in first.stdout
+    for ids in jobs.values():
+        wait_job(ids[0])
+    rows = status_rows(run_root)
+    assert (rows["pretrain"]["state"], rows["pretrain"]["slurm_state"]) == ("failed", "FAILED")
+    for name in ("finetune_a", "finetune_b", "evaluate"):
+        assert (rows[name]["state"], rows[name]["slurm_reason"]) == ("cancelled", "DependencyNeverSatisfied")
+        assert "a stage it depends on failed" in rows[name]["detail"]
+    table = launcher_cli("status", str(run_root)).stdout
+    assert re.search(r"^finetune_a\s+cancelled\s+\d+\s+CANCELLED", table, flags=re.M), table
+
+    second = pipeline(["mode=sleep", "sleep_s=4"])
+    assert second.returncode == 0, second.stderr
+    again = pipeline(["mode=sleep", "sleep_s=4"])  # everything is queued or running: nothing new
+    assert again.returncode == 0, again.stderr
+    assert "submitted job" not in again.stdout
+    assert again.stdout.count("not submitted again") == 4
+    jobs = stage_jobs(run_root)
+    assert all(len(ids) == 2 for ids in jobs.values())
+    deps = slurm.parse_fields(subprocess.run(["scontrol", "show", "job", "-o", jobs["evaluate"][1]],
+                                             capture_output=True, text=True).stdout)["Dependency"]  # fmt: skip
+    assert deps.startswith(f"afterok:{jobs['finetune_a'][1]}") and f"afterok:{jobs['finetune_b'][1]}" in deps
+    for ids in jobs.values():
+        assert wait_job(ids[1], timeout_s=180).state == "COMPLETED"
+    rows = status_rows(run_root)
+    assert {name: row["state"] for name, row in rows.items()} == dict.fromkeys(jobs, "completed")
+    for name in ("finetune_a", "finetune_b"):
+        (record,) = read_jsonl(run_root / name / "probe.jsonl")
+        assert record["init_from"] == str(run_root / "pretrain")
+        assert record["config"] == str(tmp_path / "configs" / f"{name[-1]}.yaml")
+    assert (run_root / "evaluate" / "evaluated").read_text().split() == [
+        str(run_root / "finetune_a"),
+        str(run_root / "finetune_b"),
+    ]
+    assert json.loads((run_root / "evaluate" / "status.json").read_text())["state"] == "completed"
+
+    third = pipeline(["mode=sleep", "sleep_s=4"])
+    assert third.returncode == 0, third.stderr
+    assert "Nothing to submit: every enabled stage is completed." in third.stdout
+    assert stage_jobs(run_root) == jobs
