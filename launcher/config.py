@@ -107,7 +107,8 @@ class StageConfig:
     """Name of the stage whose run directory this training starts from (--init-from); implies `after` it."""
     command: list[str] = dataclasses.field(default_factory=list)
     """The command of a non-training stage (shard, evaluate), one argument per item. Placeholders: {python},
-    {run_root}, {run_dir} (this stage's), {repo}, and {stages[NAME]} (another stage's run directory)."""
+    {run_root}, {run_dir} (this stage's), {repo}, and {stages[NAME]} (another stage's run directory); other braces
+    are kept as written."""
     after: list[str] = dataclasses.field(default_factory=list)
     """Stages that must finish successfully first (afterok)."""
     script: str | None = None

@@ -18,6 +18,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -98,26 +99,29 @@ def train_script(cfg: PipelineConfig) -> Path:
     return absolute(cfg.train_script, REPO)
 
 
+_PLACEHOLDER = re.compile(r"\{(python|run_root|run_dir|repo)\}|\{stages\[([^\]]*)\]\}")
+
+
 def stage_args(cfg: PipelineConfig, name: str) -> list[str]:
-    """The arguments after the sbatch script: relret/train.py's for training, the command for other stages."""
+    """The arguments after the sbatch script: relret/train.py's for training, the command for other stages.
+
+    Placeholders {python}, {run_root}, {run_dir}, {repo} and {stages[NAME]} are filled in commands and overrides;
+    any other brace is left as written (YAML flow values such as `data.train=[{path: X}]` need no escaping)."""
     stage = cfg.stages[name]
     run_dir = cfg.run_dir(name)
-    values = {
-        "python": python_of(cfg),
-        "run_root": str(absolute(cfg.run_root)),
-        "run_dir": str(run_dir),
-        "repo": str(REPO),
-        "stages": {other: str(cfg.run_dir(other)) for other in cfg.stages},
-    }
+    values = {"python": python_of(cfg), "run_root": str(absolute(cfg.run_root)), "run_dir": str(run_dir)}
+    values["repo"] = str(REPO)
 
     def fill(key: str, items: list[str]) -> list[str]:
-        try:
-            return [item.format(**values) for item in items]
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"{key}: bad placeholder ({exc!r}); use {{python}}, {{run_root}}, {{run_dir}}, {{repo}} or "
-                "{stages[NAME]}, and write a literal brace as {{ or }}"
-            ) from None
+        def one(match: re.Match) -> str:
+            if match.group(1):
+                return values[match.group(1)]
+            other = match.group(2)
+            if other not in cfg.stages:
+                raise ConfigError(f"{key}: {match.group(0)} names no stage; the stages are: {', '.join(cfg.stages)}")
+            return str(cfg.run_dir(other))
+
+        return [_PLACEHOLDER.sub(one, item) for item in items]
 
     if stage.kind == "command":
         return fill(f"stages.{name}.command", stage.command)

@@ -119,15 +119,17 @@ def test_sbatch_command_line_for_a_finetuning_stage(tmp_path, monkeypatch):
 
 
 def test_command_placeholders_are_filled_and_bad_ones_named():
-    """{python}, {run_dir}, {stages[NAME]} are filled in a command; an unknown one names the stage and the choices."""
+    """{python}, {run_dir}, {stages[NAME]} are filled in commands and overrides, other braces kept; an unknown stage
+    is named with the choices."""
     cfg = chain(
-        pre=StageConfig(config="p.yaml"),
-        ev=StageConfig(command=["{python}", "-c", "{run_dir} {stages[pre]} {{x}}"], script="slurm/evaluate.sh"),
+        pre=StageConfig(config="p.yaml", overrides=["data.train=[{path: {stages[pre]}/x}]", "a={b}"]),
+        ev=StageConfig(command=["{python}", "-c", "{run_dir} {stages[pre]} {x}"], script="slurm/evaluate.sh"),
     )
     assert pipeline.stage_args(cfg, "ev") == [sys.executable, "-c", "/runs/p/ev /runs/p/pre {x}"]
+    assert pipeline.stage_args(cfg, "pre")[-2:] == ["data.train=[{path: /runs/p/pre/x}]", "a={b}"]
     assert pipeline.stage_env(cfg, "ev")["RELRET_STATUS_DIR"] == "/runs/p/ev"
     bad = chain(ev=StageConfig(command=["{stages[nope]}"], script="slurm/evaluate.sh"))
-    with pytest.raises(ConfigError, match=r"stages.ev.command: bad placeholder \(KeyError\('nope'\)\)"):
+    with pytest.raises(ConfigError, match=r"stages.ev.command: \{stages\[nope\]\} names no stage; the stages are: ev"):
         pipeline.stage_args(bad, "ev")
 
 

@@ -304,3 +304,113 @@ def test_pipeline_cancels_dependants_of_a_failed_stage_then_resumes_without_redo
     assert third.returncode == 0, third.stderr
     assert "Nothing to submit: every enabled stage is completed." in third.stdout
     assert stage_jobs(run_root) == jobs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end with the real training (relret/train.py and its tiny CPU config, from the training issue)
+
+TRAIN_SCRIPT = REPO / "relret" / "train.py"
+SHARDKIT = REPO / "tests" / "shardkit.py"
+TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+CHECKPOINT_EVERY = 5
+
+
+def job_times(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    fields = slurm.parse_fields(out)
+    return fields["StartTime"], fields["EndTime"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRAIN_SCRIPT.is_file(), reason="relret/train.py not merged yet")
+def test_pretraining_on_two_nodes_survives_preemption_then_finetunes_from_it(slurm_cluster, tmp_path):
+    """The real `sbatch slurm/pretrain.sh` (submitted by the launcher) trains the tiny model on 2 nodes; the time-limit
+    warning mid-run makes it checkpoint, requeue itself and resume from that checkpoint (steps continue, none redone
+    beyond the checkpoint interval) to completion, while the fine-tuning waits; then the fine-tuning runs on 2 nodes
+    from the pretraining run and completes."""
+    shards = tmp_path / "shards"
+    subprocess.run(
+        [sys.executable, str(SHARDKIT), str(shards), "--train-clips", "160", "--val-clips", "32"], check=True
+    )
+    run_root = tmp_path / "runs"
+    config = {
+        "run_root": str(run_root),
+        "env": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        "max_restarts": 3,
+        "resources": {"nodes": 2, "ntasks_per_node": 1},
+        "overrides": [
+            f"data.train=[{{path: {shards}/synth/train}}]",
+            f"data.val=[{shards}/synth/val]",
+            f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
+            "train.epochs=2",
+        ],
+        "stages": {
+            "pretrain": {"config": str(TINY_CONFIG)},
+            "finetune_clotho": {"config": str(TINY_CONFIG), "init_from": "pretrain", "overrides": ["train.epochs=1"]},
+        },
+    }
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(config))
+    started = launcher_cli("pipeline", "--config", str(tmp_path / "pipeline.yaml"))
+    assert started.returncode == 0, started.stderr
+    jobs = {name: ids[0] for name, ids in stage_jobs(run_root).items()}
+    pre_dir, ft_dir = run_root / "pretrain", run_root / "finetune_clotho"
+    pre_log = run_root / "logs" / f"pretrain-{jobs['pretrain']}.log"
+
+    def status_of(run_dir: Path) -> dict:
+        try:
+            return json.loads((run_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # A first checkpoint with steps still to go: send the time-limit warning, as SLURM would before --time.
+    first = wait_until(
+        lambda: (s := status_of(pre_dir)).get("checkpoint") and s["state"] == "running" and s,
+        timeout_s=240,
+        what=f"pretraining's first checkpoint (log {pre_log})",
+    )
+    assert first["step"] < first["total_steps"] - CHECKPOINT_EVERY, "pretraining too short to interrupt mid-run"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["pretrain"]], check=True)
+    interrupted = wait_until(
+        lambda: (s := status_of(pre_dir)).get("state") == "interrupted" and s, 120, "the interrupted state"
+    )
+    interrupted_at = time.time()
+    assert slurm.job_info(jobs["finetune_clotho"]).state == "PENDING"
+    wait_until(lambda: slurm.job_info(jobs["pretrain"]).restarts == 1, 120, "the requeued pretraining")
+    assert slurm.job_info(jobs["finetune_clotho"]).state == "PENDING"
+
+    pre = wait_job(jobs["pretrain"], timeout_s=400, log=pre_log)
+    log_text = pre_log.read_text()
+    assert (pre.state, pre.exit_code, pre.restarts) == ("COMPLETED", "0:0", 1), log_text
+    assert log_text.count("caught SIGUSR1") == 1
+    assert "requeueing (restart 1 of at most 3)" in log_text and "training finished (exit 0)" in log_text
+    final = status_of(pre_dir)
+    assert final["state"] == "completed" and final["step"] == final["total_steps"]
+
+    train_records = [r for r in read_jsonl(pre_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, final["total_steps"] + 1))
+    # The steps kept from the first run end where the second run resumed; every later step was logged after it.
+    resumed_from = max(r["step"] for r in train_records if r["time"] < interrupted_at)
+    assert CHECKPOINT_EVERY <= resumed_from <= interrupted["step"]
+    assert interrupted["step"] - resumed_from < CHECKPOINT_EVERY
+    assert all(r["time"] > interrupted_at for r in train_records if r["step"] > resumed_from)
+
+    ft = wait_job(
+        jobs["finetune_clotho"], timeout_s=300, log=run_root / "logs" / f"finetune_clotho-{jobs['finetune_clotho']}.log"
+    )
+    assert (ft.state, ft.exit_code) == ("COMPLETED", "0:0")
+    assert job_times(jobs["finetune_clotho"])[0] >= job_times(jobs["pretrain"])[1]
+    ft_status = status_of(ft_dir)
+    assert ft_status["state"] == "completed"
+    # Started from the pretraining run (recorded as the run, or as the checkpoint it chose: best, else latest) ...
+    init_from = Path(ft_status["init_from"])
+    best = (pre_dir / "checkpoints" / "best").read_text().strip()
+    assert init_from in (pre_dir, pre_dir / "checkpoints" / best)
+    assert f"init_from: {init_from}" in (ft_dir / "config.yaml").read_text()
+    # ... with a schedule of its own: its steps count from 1, not on from the pretraining's.
+    ft_steps = [r["step"] for r in read_jsonl(ft_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    assert ft_steps == list(range(1, ft_status["total_steps"] + 1))
+    rows = status_rows(run_root)
+    assert {name: row["state"] for name, row in rows.items()} == {
+        "pretrain": "completed",
+        "finetune_clotho": "completed",
+    }
