@@ -38,6 +38,9 @@ relret_check_root() {
         relret_die "cannot find the relret repository (RELRET_ROOT=${RELRET_ROOT:-}); set RELRET_ROOT to its path"
     export RELRET_ROOT
     export RELRET_PYTHON=${RELRET_PYTHON:-python3}
+    command -v "$RELRET_PYTHON" >/dev/null ||
+        relret_die "no Python at '$RELRET_PYTHON'; activate the environment before sbatch or set RELRET_PYTHON"
+    relret_trap_signals
 }
 
 relret_setup_world() {
@@ -101,16 +104,25 @@ relret_on_signal() { # SIGNAL
         return
     fi
     RELRET_CAUGHT=$1
+    if [[ -z $RELRET_CHILD ]]; then
+        relret_log "caught SIG$1 before the processes started; they are told as soon as they do"
+        return
+    fi
     relret_log "caught SIG$1: sending SIGUSR1 to the step so that every rank checkpoints and exits"
     kill -USR1 "$RELRET_CHILD" 2>/dev/null || true
 }
 
-relret_run_child() { # COMMAND... -> runs it in the background with the traps set; RELRET_RC is its exit code
+relret_trap_signals() { # from the first line on, so that an early signal is remembered rather than fatal
     RELRET_CAUGHT=""
+    RELRET_CHILD=""
     trap 'relret_on_signal USR1' USR1
     trap 'relret_on_signal TERM' TERM
+}
+
+relret_run_child() { # COMMAND... -> runs it in the background; RELRET_RC is its exit code
     "$@" &
     RELRET_CHILD=$!
+    [[ -n $RELRET_CAUGHT ]] && kill -USR1 "$RELRET_CHILD" 2>/dev/null
     # `wait` returns early (status > 128) whenever a trapped signal arrives; wait again until the child has exited.
     while :; do
         RELRET_TRAPPED=0

@@ -86,8 +86,9 @@ NodeName=${NODES[0]} Name=gpu File=$STATE/gpu/${NODES[0]}-gpu[0-$((GPUS_PER_NODE
 NodeName=${NODES[1]} Name=gpu File=$STATE/gpu/${NODES[1]}-gpu[0-$((GPUS_PER_NODE - 1))]
 EOF
     # Settings from ../shared/notes/platform.md: no systemd, no cgroups, no accounting daemon; every listener on
-    # 127.0.0.1; pgid process tracking so a job's background processes end with it; a scheduler that looks every
-    # 2 s so a requeued job restarts in seconds; finished jobs kept visible to `scontrol show job` for a day.
+    # 127.0.0.1; pgid process tracking so a job's background processes end with it; a requeued job may start again
+    # cred_expire + 1 s later (default 120 s) and the scheduler looks every 2 s, so a requeue takes about 13 s;
+    # finished jobs stay visible to `scontrol show job` for a day.
     cat >"$STATE/slurm.conf" <<EOF
 ClusterName=relret-local
 SlurmctldHost=localhost(127.0.0.1)
@@ -96,7 +97,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=5
+AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
