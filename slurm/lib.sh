@@ -9,7 +9,8 @@
 # and training resumes from checkpoints/latest in its run directory by itself. SIGTERM to this shell is handled the
 # same way, but is still forwarded to srun as SIGUSR1: srun answers SIGTERM by killing the step outright, before
 # any checkpoint. (At the time limit itself SLURM sends SIGTERM to every process and SIGKILL KillWait seconds later;
-# only the early warning leaves time for a checkpoint.)
+# only the early warning leaves time for a checkpoint.) `scancel JOB` reaches this shell as SIGTERM too: the shell
+# requeues only while SLURM still reports the job RUNNING, so a cancelled (or timed-out) job stays ended.
 #
 # Restarts. SLURM counts requeues in SLURM_RESTART_COUNT. The job requeues itself while that count is below
 # RELRET_MAX_RESTARTS (default 10): after a warning signal, and after a training failure in which the run made
@@ -138,6 +139,15 @@ relret_requeue_or_exit() { # EXIT_CODE REASON -> requeues the job if restarts re
     if ((restarts >= max)); then
         relret_log "$reason; not requeueing: the job has restarted $restarts time(s) and RELRET_MAX_RESTARTS=$max." \
             "Fix the cause and submit again (training resumes from its checkpoint), or raise the limit"
+        return "$rc"
+    fi
+    # A job that SLURM itself is ending (scancel, time limit, preemption) must not come back: `scancel JOB` also
+    # reaches this shell as SIGTERM, and only the job's state tells it from a warning sent to be answered.
+    local state
+    state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[^ ]*' || true)
+    if [[ $state != JobState=RUNNING ]]; then
+        relret_log "$reason; not requeueing: the job is ${state#JobState=} (cancelled, timed out or preempted by" \
+            "SLURM). Submit it again to resume from its checkpoint"
         return "$rc"
     fi
     relret_log "$reason; requeueing (restart $((restarts + 1)) of at most $max)"

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.slurm
 
 def probe_env(**extra: str) -> dict[str, str]:
     """The environment sbatch exports to a job whose training is the probe."""
-    env = {**os.environ, "RELRET_PYTHON": sys.executable, "RELRET_TRAIN_SCRIPT": str(PROBE), **extra}
-    env.pop("RELRET_MAX_RESTARTS", None)
-    env.update(extra)
-    return env
+    env = {**os.environ, "RELRET_PYTHON": sys.executable, "RELRET_TRAIN_SCRIPT": str(PROBE)}
+    for name in ("RELRET_MAX_RESTARTS", "OMP_NUM_THREADS", "RELRET_ROOT", "RELRET_MASTER_PORT"):
+        env.pop(name, None)  # the scripts' own defaults, whatever the calling shell holds
+    return {**env, **extra}
 
 
 def submit(script: str, sbatch_opts: list[str], args: list[str], env: dict[str, str]) -> str:
@@ -71,9 +71,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def launcher_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launcher_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=cwd, timeout=120
     )
 
 
@@ -166,20 +166,20 @@ def test_gpus_without_one_process_per_gpu_are_refused(slurm_cluster, tmp_path):
 
 
 def test_warning_signal_checkpoints_requeues_and_stops_at_the_restart_limit(slurm_cluster, tmp_path):
-    """SIGUSR1 (the time-limit warning) to the batch script reaches every rank; the job requeues itself (same job,
-    SLURM_RESTART_COUNT 1) and appends to the same log; SIGTERM is forwarded as SIGUSR1 too; at RELRET_MAX_RESTARTS
-    the job ends with training's exit code instead of requeueing."""
+    """SIGTERM and SIGUSR1 (the time-limit warning) to the batch script reach every rank as SIGUSR1; the job requeues
+    itself (same job, SLURM_RESTART_COUNT 1) and appends to the same log; at RELRET_MAX_RESTARTS it ends with
+    training's exit code instead of requeueing."""
     run_dir = tmp_path / "run"
     log = tmp_path / "pretrain.log"
     args = ["--config", "configs/x.yaml", "--run-dir", str(run_dir), "mode=wait"]
     job_id = submit("pretrain.sh", ["--nodes=2", f"--output={log}"], args, probe_env(RELRET_MAX_RESTARTS="1"))
     wait_until(lambda: (run_dir / "ready-0").exists(), 120, "the first attempt to start")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], check=True)
     sent = time.monotonic()
     wait_until(lambda: (run_dir / "ready-1").exists(), 120, "the requeued attempt to start")
-    print(f"warning signal to restarted training: {time.monotonic() - sent:.1f} s")
+    print(f"signal to restarted training: {time.monotonic() - sent:.1f} s")
     assert slurm.job_info(job_id).restarts == 1
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], check=True)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     info = wait_job(job_id, log=log)
     text = log.read_text()
     assert (info.state, info.exit_code, info.restarts) == ("FAILED", "75:0", 1), text
@@ -190,11 +190,11 @@ def test_warning_signal_checkpoints_requeues_and_stops_at_the_restart_limit(slur
         (1, 0, "SIGUSR1"),
         (1, 1, "SIGUSR1"),
     ]
-    assert "restart 0: caught SIGUSR1: sending SIGUSR1 to the step" in text
-    assert "restart 0: training stopped after SIGUSR1 (exit 75); requeueing (restart 1 of at most 1)" in text
-    assert "restart 1: caught SIGTERM: sending SIGUSR1 to the step" in text
+    assert "restart 0: caught SIGTERM: sending SIGUSR1 to the step" in text
+    assert "restart 0: training stopped after SIGTERM (exit 75); requeueing (restart 1 of at most 1)" in text
+    assert "restart 1: caught SIGUSR1: sending SIGUSR1 to the step" in text
     assert (
-        "restart 1: training stopped after SIGTERM (exit 75); not requeueing: the job has restarted 1 time(s)" in text
+        "restart 1: training stopped after SIGUSR1 (exit 75); not requeueing: the job has restarted 1 time(s)" in text
     )
 
 
@@ -220,7 +220,7 @@ def write_pipeline(path: Path, run_root: Path, pretrain_overrides: list[str]) ->
     config = {
         "run_root": str(run_root),
         "train_script": str(PROBE),
-        "max_restarts": 0,
+        "max_restarts": 2,
         "resources": {"ntasks_per_node": 1},
         "stages": {
             "pretrain": {"config": "configs/p.yaml", "overrides": pretrain_overrides, "resources": {"nodes": 2}},
@@ -311,6 +311,26 @@ def test_pipeline_cancels_dependants_of_a_failed_stage_then_resumes_without_redo
     assert stage_jobs(run_root) == jobs
 
 
+def test_cancel_stops_every_queued_and_running_stage(slurm_cluster, tmp_path):
+    """`launcher cancel` scancels the running stage and the pending ones after it, and names them; the SIGTERM that
+    scancel sends the running job's batch script does not make it requeue itself."""
+    run_root = tmp_path / "runs"
+    cfg = write_pipeline(tmp_path / "pipeline.yaml", run_root, ["mode=wait"])
+    started = launcher_cli("pipeline", "--config", str(cfg), cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    jobs = [ids[0] for ids in stage_jobs(run_root).values()]
+    wait_until(lambda: (run_root / "pretrain" / "ready-0").exists(), 120, "pretraining to start")
+    cancelled = launcher_cli("cancel", str(run_root))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"cancelled {', '.join(jobs)}"
+    assert [wait_job(job_id).state for job_id in jobs] == ["CANCELLED"] * 4
+    log = (run_root / "logs" / f"pretrain-{jobs[0]}.log").read_text()
+    assert "training stopped after SIGTERM (exit 75); not requeueing: the job is COMPLETING" in log
+    time.sleep(3)  # longer than the scheduler's interval: a requeued job would be pending again by now
+    assert (slurm.job_info(jobs[0]).state, slurm.job_info(jobs[0]).restarts) == ("CANCELLED", 0)
+    assert launcher_cli("cancel", str(run_root)).stdout.strip() == "no job of this pipeline is pending or running"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end with the real training (relret/train.py and its tiny CPU config, from the training issue)
 
@@ -320,10 +340,9 @@ TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 CHECKPOINT_EVERY = 5
 
 
-def job_times(job_id: str) -> tuple[str, str]:
+def job_fields(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    fields = slurm.parse_fields(out)
-    return fields["StartTime"], fields["EndTime"]
+    return slurm.parse_fields(out)
 
 
 @pytest.mark.slow
@@ -386,6 +405,8 @@ def test_pretraining_on_two_nodes_survives_preemption_then_finetunes_from_it(slu
     pre = wait_job(jobs["pretrain"], timeout_s=400, log=pre_log)
     log_text = pre_log.read_text()
     assert (pre.state, pre.exit_code, pre.restarts) == ("COMPLETED", "0:0", 1), log_text
+    pre_job = job_fields(jobs["pretrain"])
+    assert (pre_job["Command"], pre_job["NodeList"]) == (str(REPO / "slurm" / "pretrain.sh"), "relret-n[1-2]")
     assert log_text.count("caught SIGUSR1") == 1
     assert "requeueing (restart 1 of at most 3)" in log_text and "training finished (exit 0)" in log_text
     final = status_of(pre_dir)
@@ -403,7 +424,7 @@ def test_pretraining_on_two_nodes_survives_preemption_then_finetunes_from_it(slu
         jobs["finetune_clotho"], timeout_s=300, log=run_root / "logs" / f"finetune_clotho-{jobs['finetune_clotho']}.log"
     )
     assert (ft.state, ft.exit_code) == ("COMPLETED", "0:0")
-    assert job_times(jobs["finetune_clotho"])[0] >= job_times(jobs["pretrain"])[1]
+    assert job_fields(jobs["finetune_clotho"])["StartTime"] >= pre_job["EndTime"]
     ft_status = status_of(ft_dir)
     assert ft_status["state"] == "completed"
     # Started from the pretraining run (recorded as the run, or as the checkpoint it chose: best, else latest) ...
