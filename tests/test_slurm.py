@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -91,14 +92,18 @@ def _listening_ports_on(address_hex: str) -> set[int]:
     return ports
 
 
-def test_localcluster_starts_two_nodes_on_loopback_and_stops_by_pid(tmp_path_factory):
+def test_localcluster_starts_two_nodes_on_loopback_and_stops_by_pid():
     """A second cluster from the script: both nodes idle, every daemon on 127.0.0.1, every PID gone after stop."""
     import tempfile
 
-    if subprocess.run(["which", "slurmctld"], capture_output=True).returncode != 0:
+    if shutil.which("slurmctld") is None:
         pytest.skip("SLURM is not installed here: apt-get install slurm-wlm munge")
     state = Path(tempfile.mkdtemp(prefix="relret-slurm-check-"))
     script = REPO / "slurm" / "localcluster.sh"
+    pid_files = [state / "munge" / "munged.pid", state / "slurmctld.pid"] + [
+        state / f"slurmd-relret-n{i}.pid" for i in (1, 2)
+    ]
+    pids: list[int] = []
     try:
         start = subprocess.run([script, "start", state], capture_output=True, text=True, timeout=180)
         assert start.returncode == 0, start.stderr
@@ -113,13 +118,11 @@ def test_localcluster_starts_two_nodes_on_loopback_and_stops_by_pid(tmp_path_fac
         assert len(ports) == 3
         assert ports <= _listening_ports_on("0100007F")  # 127.0.0.1
         assert not ports & _listening_ports_on("00000000")  # not 0.0.0.0
-        pid_files = [state / "munge" / "munged.pid", state / "slurmctld.pid"] + [
-            state / f"slurmd-relret-n{i}.pid" for i in (1, 2)
-        ]
         pids = [int(p.read_text()) for p in pid_files]
         assert all(Path(f"/proc/{pid}").exists() for pid in pids)
     finally:
         stop = subprocess.run([script, "stop", state], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
     assert stop.returncode == 0, stop.stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert not any(p.exists() for p in pid_files)
