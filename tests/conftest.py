@@ -100,3 +100,37 @@ def s3_bucket(s3_server) -> str:
     name = f"relret-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real two-node SLURM on this machine (slurm/localcluster.sh), started once for the session.
+
+    Yields the path of its slurm.conf, also exported as SLURM_CONF while the session runs. Every daemon (munged,
+    slurmctld, two slurmd) is stopped by the PID in its pid file afterwards, after the cluster's jobs are cancelled.
+    Skips only where SLURM is not installed (CI installs it: .ci/run).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    missing = [exe for exe in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(exe) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    # Not under pytest's tmp_path: munged runs as user munge and must reach its socket through every parent.
+    state = Path(tempfile.mkdtemp(prefix="relret-slurm-"))
+    script = REPO / "slurm" / "localcluster.sh"
+    saved = os.environ.get("SLURM_CONF")
+    try:
+        proc = subprocess.run([script, "start", state], capture_output=True, text=True, timeout=180)
+        if proc.returncode != 0:
+            pytest.fail(f"slurm/localcluster.sh start failed:\n{proc.stdout}{proc.stderr}")
+        os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+        yield state / "slurm.conf"
+    finally:
+        subprocess.run([script, "stop", state], timeout=120)
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        shutil.rmtree(state, ignore_errors=True)
