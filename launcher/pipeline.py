@@ -293,6 +293,8 @@ def local_command(cfg: PipelineConfig, name: str) -> list[str]:
 def local_env(cfg: PipelineConfig) -> dict[str, str]:
     env = {**os.environ, **cfg.env}
     env.setdefault("OMP_NUM_THREADS", "1")  # several ranks on few cores: one thread each is faster
+    # One machine: the ranks meet through a file (relret.distributed), so no rendezvous server listens on any port.
+    env.setdefault("RELRET_RENDEZVOUS_DIR", str(absolute(cfg.run_root) / ".rendezvous"))
     if "DS_ACCELERATOR" not in env and shutil.which("nvidia-smi") is None:
         env["DS_ACCELERATOR"] = "cpu"  # no GPU here: DeepSpeed's CPU accelerator with gloo
     return env

@@ -85,19 +85,61 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
     return out.stdout.split()[0]
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
-    """Create the default process group when the world has more than one process; return this process's place.
+RENDEZVOUS_DIR_VAR = "RELRET_RENDEZVOUS_DIR"
+_temp_store_dirs: list[str] = []
 
-    The backend defaults to nccl where CUDA is available and gloo otherwise. RANK / WORLD_SIZE / LOCAL_RANK are
-    exported (also when derived from SLURM) so that DeepSpeed finds the same world.
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rendezvous(info: DistInfo, env: dict[str, str]) -> str:
+    """The init_method of the process group.
+
+    - A world of one: a file store in a fresh temporary directory (nothing listens on any port).
+    - RELRET_RENDEZVOUS_DIR set: a file store in that directory, which every node must share (a cluster file
+      system; torch's `file://` rendezvous). Nothing listens for the rendezvous, which helps where ad-hoc TCP
+      servers are unwelcome (and keeps tests on loopback: torch's TCPStore always binds every interface). The file
+      name holds the master address and port, the SLURM job, step and restart count, so reruns never meet a stale one.
+    - Otherwise `env://`: a TCP store on MASTER_ADDR:MASTER_PORT, as torchrun and the deepspeed launcher expect.
+    """
+    if info.world_size == 1:
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="relret-pg-")
+        _temp_store_dirs.append(directory)
+        return f"file://{directory}/store"
+    shared = env.get(RENDEZVOUS_DIR_VAR)
+    if shared:
+        os.makedirs(shared, exist_ok=True)
+        parts = [env["MASTER_ADDR"], env["MASTER_PORT"]]
+        parts += [env.get(k, "-") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")]
+        return f"file://{os.path.abspath(shared)}/rendezvous-{'-'.join(parts)}"
+    return "env://"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, require_group: bool = False) -> DistInfo:
+    """Create the default process group when the world has more than one process (or always, with `require_group`:
+    DeepSpeed wants one even for a single process); return this process's place.
+
+    The backend defaults to nccl where CUDA is available and gloo otherwise. RANK / WORLD_SIZE / LOCAL_RANK and
+    MASTER_ADDR / MASTER_PORT are exported (also when derived from SLURM, or made up for a world of one) so that
+    DeepSpeed finds the same world and does not try MPI discovery.
     """
     info = read_world()
-    if info.world_size == 1 or (dist.is_available() and dist.is_initialized()):
-        if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
+    if (info.world_size == 1 and not require_group) or (dist.is_available() and dist.is_initialized()):
         return info
     env = os.environ
     env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    if info.world_size == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_loopback_port()))
     if "MASTER_ADDR" not in env:
         if info.source != "slurm":
             raise RuntimeError("MASTER_ADDR is not set; the launcher (deepspeed, torchrun) normally sets it")
@@ -108,16 +150,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend,
+        init_method=rendezvous(info, dict(env)),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return info
 
 
 def cleanup_distributed() -> None:
     """Destroy the default process group if one exists (safe to call always, e.g. in `finally`)."""
+    import shutil
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    while _temp_store_dirs:
+        shutil.rmtree(_temp_store_dirs.pop(), ignore_errors=True)
 
 
 def get_rank() -> int:

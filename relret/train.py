@@ -34,7 +34,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -261,41 +260,12 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan, bf16: bool) -> dict[str, Any]
     }
 
 
-def _set_single_process_env() -> str:
-    """No launcher: describe a world of one so DeepSpeed does not try MPI discovery; the group itself is created
-    on a file store (nothing listens on a port)."""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    return tempfile.mkdtemp(prefix="relret-pg-")
-
-
-def setup_distributed(timeout_s: float) -> tuple[distributed.DistInfo, torch.device, str | None]:
-    """Process group for the world the environment describes; returns (info, device, file-store dir or None)."""
-    import datetime as dt
-
-    import torch.distributed as dist
-
-    info = distributed.read_world()
-    store_dir = None
-    if info.world_size == 1 and not dist.is_initialized():
-        store_dir = _set_single_process_env()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"file://{store_dir}/store",
-            rank=0,
-            world_size=1,
-            timeout=dt.timedelta(seconds=timeout_s),
-        )
-    info = distributed.init_distributed(timeout_s=timeout_s)
+def setup_distributed(timeout_s: float) -> tuple[distributed.DistInfo, torch.device]:
+    """Process group for the world the environment describes (one is created even for a single process, which
+    DeepSpeed needs); returns (info, device)."""
+    info = distributed.init_distributed(timeout_s=timeout_s, require_group=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return info, device, store_dir
+    return info, device
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -610,7 +580,7 @@ def _train(cfg: TrainConfig, run_dir: Path, train_sets, val_sets, plan: Plan, re
     from relret.models import build_model
 
     stop = StopRequest()
-    info, device, store_dir = setup_distributed(cfg.train.dist_timeout_s)
+    info, device = setup_distributed(cfg.train.dist_timeout_s)
     is_main = info.rank == 0
     log: RunLog | NullLog = NullLog()
     step, epoch = (resume["step"], resume["epoch"]) if resume else (0, 0)
@@ -847,10 +817,6 @@ def _train(cfg: TrainConfig, run_dir: Path, train_sets, val_sets, plan: Plan, re
     finally:
         log.close()
         distributed.cleanup_distributed()
-        if store_dir is not None:
-            import shutil
-
-            shutil.rmtree(store_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

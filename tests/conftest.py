@@ -120,17 +120,21 @@ def slurm_cluster():
     # Not under pytest's tmp_path: munged runs as user munge and must reach its socket through every parent.
     state = Path(tempfile.mkdtemp(prefix="relret-slurm-"))
     script = REPO / "slurm" / "localcluster.sh"
-    saved = os.environ.get("SLURM_CONF")
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "RELRET_RENDEZVOUS_DIR")}
     try:
         proc = subprocess.run([script, "start", state], capture_output=True, text=True, timeout=180)
         if proc.returncode != 0:
             pytest.fail(f"slurm/localcluster.sh start failed:\n{proc.stdout}{proc.stderr}")
         os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+        # Jobs inherit this: their process groups meet through a file (both "nodes" share this disk), because torch's
+        # TCP rendezvous would listen on every interface and the tests keep to loopback.
+        os.environ["RELRET_RENDEZVOUS_DIR"] = str(state / "rendezvous")
         yield state / "slurm.conf"
     finally:
         subprocess.run([script, "stop", state], timeout=120)
-        if saved is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(state, ignore_errors=True)

@@ -8,7 +8,7 @@ SLURM_RESTART_COUNT and, with `collective=1`, the sum of (rank + 1) over a real 
 relret.distributed.init_distributed. Then, by `mode`:
 
 - `complete`: rank 0 writes status.json {"state": "completed", ...}; exit 0.
-- `wait`: rank 0 writes DIR/ready-<restart>; every rank waits for SIGUSR1/SIGTERM, records it and exits 75 (the
+- `wait`: once every rank is ready, rank 0 writes DIR/ready-<restart>; every rank waits for SIGUSR1/SIGTERM, records it and exits 75 (the
   training contract's "interrupted after a checkpoint"). From restart `complete_at` on (if given) it completes instead.
 - `sleep`: sleeps `sleep_s` seconds, then as `complete`.
 - `fail`: exit `exit_code` (default 1); on restarts below `progress_until` (default 0) rank 0 first advances
@@ -116,7 +116,13 @@ def main(argv: list[str]) -> int:
         return int(options.get("exit_code", "1"))
     if mode != "wait":
         raise SystemExit(f"slurm_probe: unknown mode {mode!r}")
+    # Every rank says it is ready (its handlers are installed); rank 0 writes ready-<restart> only when all have, so a
+    # test that signals on seeing it never reaches a rank that would still die of the signal's default action.
+    (run_dir / f".ready-{restart}-rank{record['rank']}").touch()
     if is_main:
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
+        while len(list(run_dir.glob(f".ready-{restart}-rank*"))) < world:
+            time.sleep(0.05)
         (run_dir / f"ready-{restart}").touch()
     deadline = time.monotonic() + float(options.get("wait_s", "120"))
     while not caught and time.monotonic() < deadline:

@@ -34,3 +34,56 @@ def test_half_set_environment_is_refused(env, match):
     """A half-set or inconsistent environment raises instead of silently training on a subset."""
     with pytest.raises(RuntimeError, match=match):
         read_world(env)
+
+
+def test_rendezvous_choices():
+    """A world of one gets a private file store, RELRET_RENDEZVOUS_DIR a shared file named after the job, else env://."""
+    from relret.distributed import cleanup_distributed, rendezvous
+
+    single = rendezvous(DistInfo(), {})
+    assert single.startswith("file://") and "relret-pg-" in single
+    cleanup_distributed()  # removes the temporary directory
+    env = {"MASTER_ADDR": "n1", "MASTER_PORT": "2345", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}
+    shared = rendezvous(DistInfo(0, 0, 2, "slurm"), env | {"RELRET_RENDEZVOUS_DIR": "/tmp/rdv"})
+    assert shared == "file:///tmp/rdv/rendezvous-n1-2345-7---1"
+    assert rendezvous(DistInfo(0, 0, 2, "torch"), env) == "env://"
+
+
+_RANK_CODE = """
+import json, os, sys, time, psutil, torch, torch.distributed as dist
+from relret import distributed
+info = distributed.init_distributed()
+t = torch.tensor([float(info.rank + 1)])
+dist.all_reduce(t)
+listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+print(json.dumps({"rank": info.rank, "sum": t.item(), "listening": listening}))
+dist.barrier()
+distributed.cleanup_distributed()
+"""
+
+
+def test_file_rendezvous_two_processes_listen_on_loopback_at_most(tmp_path):
+    """Two processes meet through RELRET_RENDEZVOUS_DIR: the all_reduce is right and no socket of theirs listens
+    outside loopback (no TCP store on MASTER_PORT at all)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", RELRET_RENDEZVOUS_DIR=str(tmp_path))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_CODE],
+            env=base | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert [r["sum"] for r in results] == [3.0, 3.0]
+    assert all(ip.startswith("127.") or ip == "::1" for r in results for ip in r["listening"]), results

@@ -337,7 +337,6 @@ def test_cancel_stops_every_queued_and_running_stage(slurm_cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end with the real training (relret/train.py and its tiny CPU config, from the training issue)
 
-TRAIN_SCRIPT = REPO / "relret" / "train.py"
 SHARDKIT = REPO / "tests" / "shardkit.py"
 TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 CHECKPOINT_EVERY = 5
@@ -349,7 +348,6 @@ def job_fields(job_id: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAIN_SCRIPT.is_file(), reason="relret/train.py not merged yet")
 def test_pretraining_on_two_nodes_survives_preemption_then_finetunes_from_it(slurm_cluster, tmp_path):
     """The real `sbatch slurm/pretrain.sh` (submitted by the launcher) trains the tiny model on 2 nodes; the time-limit
     warning mid-run makes it checkpoint, requeue itself and resume from that checkpoint (steps continue, none redone
