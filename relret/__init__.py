@@ -2,7 +2,7 @@
 
 from relret import compat as _compat
 
-_compat.ensure_importable()
+_compat.install()  # the torchvision/torchaudio check runs when either is first looked for
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ matching CUDA builds) this does nothing.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import sys
 import types
@@ -75,3 +76,45 @@ def ensure_importable() -> list[str]:
     _patch_torchvision()
     _patch_torchaudio()
     return list(_patched)
+
+
+class _LoadedModule(importlib.abc.Loader):
+    """Hands the import system a module that the check below has already imported."""
+
+    def __init__(self, module: types.ModuleType) -> None:
+        self.module = module
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+class _CheckOnFirstImport(importlib.abc.MetaPathFinder):
+    """Runs the check when torchvision or torchaudio is first looked for (an import, or transformers' availability
+    probe through importlib.util.find_spec), so `import relret` itself stays cheap."""
+
+    _patches = {"torchvision": _patch_torchvision, "torchaudio": _patch_torchaudio}
+
+    def __init__(self) -> None:
+        self.busy = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self._patches or self.busy:
+            return None
+        self.busy = True  # the check imports the module itself; let the normal finders serve that import
+        try:
+            self._patches[fullname]()
+        finally:
+            self.busy = False
+        module = sys.modules.get(fullname)
+        if module is None:
+            return None  # not installed
+        return importlib.util.spec_from_loader(fullname, _LoadedModule(module))
+
+
+def install() -> None:
+    """Check lazily from now on (idempotent); `ensure_importable()` checks at once."""
+    if not any(isinstance(f, _CheckOnFirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CheckOnFirstImport())

@@ -39,3 +39,17 @@ def test_does_nothing_where_native_libraries_load(tmp_path):
         extra_path=str(tmp_path),
     )
     assert out.splitlines()[-1] == "[] real False"
+
+
+def test_import_relret_is_cheap_and_checks_lazily():
+    """`import relret.config` imports neither torch nor torchvision; the check runs on the first look for them."""
+    out = _run(
+        """
+        import sys, importlib.util
+        import relret.config
+        print("torch" in sys.modules, "torchvision" in sys.modules)
+        importlib.util.find_spec("torchvision")  # what transformers does to see what is installed
+        print("torchvision" in sys.modules)
+        """
+    )
+    assert out.splitlines()[-2:] == ["False False", "True"]
