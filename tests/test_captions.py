@@ -19,8 +19,14 @@ def test_clotho_rows_keep_line_numbers_and_problems(tmp_path):
         b"f.wav,last,row\r\n"
     )
     rows = cap.read_caption_rows(path)
-    assert [(r.line, r.file_name) for r in rows] == [(2, "a.wav"), (3, "b.wav"), (5, ""), (6, "d.wav"), (7, "e.wav"),
-                                                      (9, "f.wav")]  # fmt: skip
+    assert [(r.line, r.file_name) for r in rows] == [
+        (2, "a.wav"),
+        (3, "b.wav"),
+        (5, ""),
+        (6, "d.wav"),
+        (7, "e.wav"),
+        (9, "f.wav"),
+    ]
     assert rows[0].captions == ["one, with a comma", "two"] and rows[0].problem is None
     assert rows[1].captions == ["spans\ntwo lines", "x"]
     assert rows[2].problem == "c.csv:5: 2 fields, the header has 3"
