@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -24,29 +26,42 @@ def resolve_address(address: str | None) -> str | None:
     return None if address in (None, "local") else address
 
 
-def connect(address: str | None, num_cpus: int | None = None, object_store_mb: int | None = None) -> Callable[[], None]:
-    """Start or join Ray; returns the function that disconnects (and stops a private Ray, deleting its temp dir).
+@dataclasses.dataclass
+class Connection:
+    """This process's connection to Ray."""
 
-    The environment variables set here for Ray are restored by that function. A process already connected to Ray (a
-    test session, a notebook) keeps its connection: the job runs there and leaves it open.
+    cluster: str
+    """`local` (a private Ray started for this job) or the GCS address of the cluster joined."""
+    close: Callable[[], None]
+    """Disconnect (and stop a private Ray, deleting its temp dir)."""
+
+
+def connect(address: str | None, num_cpus: int | None = None, object_store_mb: int | None = None) -> Connection:
+    """Start or join Ray.
+
+    The environment variables set here for Ray are restored by `Connection.close`. A process already connected to
+    Ray (a test session, a notebook) keeps its connection: the job runs there and leaves it open.
     """
-    import ray
-
-    if ray.is_initialized():
-        return lambda: None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return Connection(sys.modules["ray"].get_runtime_context().gcs_address, lambda: None)
     target = resolve_address(address)
     loopback = target is None or target.split("://")[-1].rsplit(":", 1)[0] in (LOOPBACK, "localhost")
     saved = {k: os.environ.get(k) for k in _ENV}
     if loopback:
-        # Ray binds its services to all interfaces unless this is set (measured on Ray 2.60, see the platform notes).
+        # Without this Ray replaces 127.0.0.1 by the machine's address and binds its services to every interface
+        # (measured on Ray 2.60, see the platform notes). Ray reads it when imported, hence before `import ray`.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if target is None and "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ:
         # A token of this job's own, handed to the Ray processes through their environment: Ray would otherwise
         # create and reuse ~/.ray/auth_token, a file shared with every other Ray user of this account.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
+    import ray
+    from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config
 
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the line above
     # Ray read its configuration when imported and caches the token it loaded: re-read both after the lines above
     # (Ray does the same when it creates a token itself).
     Config.initialize("")
@@ -80,7 +95,7 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
     except BaseException:
         stop()
         raise
-    return stop
+    return Connection("local" if target is None else ray.get_runtime_context().gcs_address, stop)
 
 
 _PROCESS_TOKEN = secrets.token_hex(32)

@@ -81,8 +81,11 @@ class BuildConfig:
     """WavCaps blacklist JSON files; the clips they list are excluded (and named in the manifest)."""
     clips_per_task: int = 32
     """Clips per audio task (and per SBERT call)."""
+    sbert_device: str = "auto"
+    """auto | cuda | cpu: SBERT actors with num_gpus=1 (cuda; they wait for GPU nodes to join) or on CPU; auto picks
+    cuda when the cluster has GPUs at the start."""
     sbert_actors: int | None = None
-    """SBERT actors; default one per GPU in the cluster, or 1 without GPUs."""
+    """SBERT actors; default one per GPU in the cluster (cuda), or 1 (cpu)."""
     sbert_cpu_threads: int = 1
     """torch threads of a CPU SBERT actor."""
     sbert_cpus: float = 0.0
@@ -115,6 +118,8 @@ class BuildConfig:
             raise ValueError(f"--max-duration-s must be positive, got {self.max_duration_s}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ValueError(f"--max-skipped-fraction must be in [0, 1], got {self.max_skipped_fraction}")
+        if self.sbert_device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--sbert-device {self.sbert_device!r}: choose auto, cuda or cpu")
         if self.verify not in ("sha256", "size"):
             raise ValueError(f"--verify {self.verify!r}: choose sha256 or size")
         if self.wavcaps_subset is not None and self.wavcaps_subset not in WAVCAPS_SUBSETS:
@@ -293,18 +298,19 @@ def run(cfg: BuildConfig) -> Manifest:
         )
     _remove_stale_partials(out_dir)
 
-    stop = cluster.connect(cfg.ray_address, cfg.num_cpus, cfg.object_store_mb)
+    connection = cluster.connect(cfg.ray_address, cfg.num_cpus, cfg.object_store_mb)
     try:
         records = _verified(records, out_dir, cfg.verify == "sha256")
         gaps = plan_gaps(records, len(clips))
         print(
             f"[shards] {cfg.dataset}/{split}: {len(clips)} clips ({len(catalog.skipped)} skipped in the metadata, "
-            f"{len(catalog.excluded)} blacklisted) -> {out_dir}; {len(records)} shard(s) already done",
+            f"{len(catalog.excluded)} blacklisted) -> {out_dir}; Ray: {connection.cluster}; {len(records)} shard(s) "
+            "already done",
             flush=True,
         )
         new_records, trailing = _process(cfg, clips, gaps, records, catalog, out_dir, split, fp)
     finally:
-        stop()
+        connection.close()
 
     records = sorted(records + new_records, key=lambda r: r.index)
     assert [r.index for r in records] == list(range(len(records))), "every shard index is present"
@@ -313,6 +319,7 @@ def run(cfg: BuildConfig) -> Manifest:
         **dataclasses.asdict(cfg),
         "split": split,
         "fingerprint": fp,
+        "ray_cluster": connection.cluster,
         "clips_total": catalog.total + len(catalog.excluded),
         "skipped_bad_input": len(catalog.skipped) + len(audio_skipped),
         "blacklisted": len(catalog.excluded),
@@ -381,10 +388,11 @@ def _process(
         return [], []
     gpus = cluster.cluster_gpus()
     cpus = cluster.cluster_cpus()
+    on_gpu = cfg.sbert_device == "cuda" or (cfg.sbert_device == "auto" and gpus > 0)
     n_sbert = cfg.sbert_actors or max(gpus, 1)
-    if gpus:
+    if on_gpu:
         embedder_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
-        embedders = [embedder_cls.remote(cfg.sbert) for _ in range(n_sbert)]
+        embedders = [embedder_cls.remote(cfg.sbert, "cuda") for _ in range(n_sbert)]
     else:
         embedder_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
         embedders = [embedder_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads) for _ in range(n_sbert)]

@@ -184,6 +184,6 @@ def ray_local(s3_server):
     end of the session. It starts after the S3 server so that its workers see the S3 endpoint."""
     from shards import cluster
 
-    stop = cluster.connect(None, num_cpus=2)
+    connection = cluster.connect(None, num_cpus=2)
     yield
-    stop()
+    connection.close()
