@@ -14,9 +14,15 @@ On a Ray cluster (the script joins the cluster; see configs/ray/):
 copies to the head node, so it only imports the installed package).
 """
 
+import os
 import sys
 
-from shards.job import main
+# Run as a script, Python puts this file's folder first on sys.path, which would make shards/'s modules (audio,
+# progress, ...) importable as top-level names that shadow other packages. The job imports the installed package.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+from shards.job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -85,7 +85,7 @@ class BuildConfig:
     """auto | cuda | cpu: SBERT actors with num_gpus=1 (cuda; they wait for GPU nodes to join) or on CPU; auto picks
     cuda when the cluster has GPUs at the start."""
     sbert_actors: int | None = None
-    """SBERT actors; default one per GPU in the cluster (cuda), or 1 (cpu)."""
+    """SBERT actors; default one per GPU in the cluster (cuda), or one per CPU up to 4 (cpu: each holds a model)."""
     sbert_cpu_threads: int = 1
     """torch threads of a CPU SBERT actor."""
     sbert_cpus: float = 0.0
@@ -389,7 +389,9 @@ def _process(
     gpus = cluster.cluster_gpus()
     cpus = cluster.cluster_cpus()
     on_gpu = cfg.sbert_device == "cuda" or (cfg.sbert_device == "auto" and gpus > 0)
-    n_sbert = cfg.sbert_actors or max(gpus, 1)
+    # CPU actors share the CPUs with the audio tasks (they reserve none): with as many actors as CPUs the embedding
+    # can use every core while audio waits, and the audio every core while embedding waits (measured on 2 cores).
+    n_sbert = cfg.sbert_actors or (max(gpus, 1) if on_gpu else min(cpus, 4))
     if on_gpu:
         embedder_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
         embedders = [embedder_cls.remote(cfg.sbert, "cuda") for _ in range(n_sbert)]
