@@ -90,8 +90,9 @@ class BuildConfig:
     """torch threads of a CPU SBERT actor."""
     sbert_cpus: float = 0.0
     """Logical CPUs a CPU SBERT actor reserves (0: it shares the CPUs with the audio tasks)."""
-    writers: int = 2
-    """Shard writer actors (shards being written at the same time)."""
+    writers: int | None = None
+    """Shard writer actors (shards written at the same time); default 1 for local output, 4 for S3 (uploads of
+    finished shards then overlap the writing of the next ones)."""
     max_tasks_in_flight: int | None = None
     """Audio tasks submitted ahead of the driver; default 2 per cluster CPU (at least 4)."""
     verify: str = "sha256"
@@ -124,7 +125,7 @@ class BuildConfig:
             raise ValueError(f"--verify {self.verify!r}: choose sha256 or size")
         if self.wavcaps_subset is not None and self.wavcaps_subset not in WAVCAPS_SUBSETS:
             raise ValueError(f"--wavcaps-subset {self.wavcaps_subset!r}: choose one of {', '.join(WAVCAPS_SUBSETS)}")
-        if self.writers < 1:
+        if self.writers is not None and self.writers < 1:
             raise ValueError(f"--writers must be at least 1, got {self.writers}")
         if self.split is not None:
             check_name("split", self.split)
@@ -308,7 +309,8 @@ def run(cfg: BuildConfig) -> Manifest:
             "already done",
             flush=True,
         )
-        new_records, trailing = _process(cfg, clips, gaps, records, catalog, out_dir, split, fp)
+        timeline: list[tuple[float, int]] = []
+        new_records, trailing = _process(cfg, clips, gaps, records, catalog, out_dir, split, fp, timeline, t_start)
     finally:
         connection.close()
 
@@ -348,7 +350,7 @@ def run(cfg: BuildConfig) -> Manifest:
         flush=True,
     )
     if cfg.report:
-        _write_report(cfg.report, manifest, wall_s, len(clips))
+        _write_report(cfg.report, manifest, wall_s, len(clips), timeline)
     return manifest
 
 
@@ -375,8 +377,11 @@ def _process(
     out_dir: str,
     split: str,
     fp: str,
+    timeline: list[tuple[float, int]],
+    t_start: float,
 ) -> tuple[list[progress.Record], list[SkippedInput]]:
-    """Run the pipeline over the gaps. Returns the new shards' records and the skipped clips after the last shard."""
+    """Run the pipeline over the gaps. Returns the new shards' records and the skipped clips after the last shard;
+    appends (seconds since `t_start`, clips processed) to `timeline` after each audio task."""
     import ray
     from tqdm import tqdm
 
@@ -399,7 +404,7 @@ def _process(
         embedder_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
         embedders = [embedder_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads) for _ in range(n_sbert)]
     writer_cls = ray.remote(num_cpus=0)(ShardWriter)
-    writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers)]
+    writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers or (4 if storage.is_s3(out_dir) else 1))]
     encode = ray.remote(num_cpus=1, num_returns=2, max_retries=3, retry_exceptions=True)(encode_clips)
     in_flight = cfg.max_tasks_in_flight or max(4, 2 * cpus)
 
@@ -452,6 +457,7 @@ def _process(
         desc=f"{cfg.dataset}/{split}",
         mininterval=1.0,
     )
+    done = len(clips) - todo
     try:
         top_up()
         gap_no, index, count, shard_start, shard_skipped = -1, 0, 0, 0, []
@@ -491,6 +497,8 @@ def _process(
                 adds.append(writers[index % len(writers)].add.remote(chunk.encoded, chunk.sbert, rows))
             _check_skipped(bad, catalog.total, cfg.max_skipped_fraction)
             bar.update(len(statuses))
+            done += len(statuses)
+            timeline.append((time.perf_counter() - t_start, done))
             del chunk
             while len(adds) > 2 * in_flight:
                 ray.get(adds.popleft())
@@ -531,7 +539,8 @@ def _check_gap_end(gap: _Gap, index: int, count: int, skipped: list[SkippedInput
         )
 
 
-def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int) -> None:
+def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int, timeline: list) -> None:
+    """A JSON summary for benchmarks: throughput, the driver's peak memory, and (seconds, clips done) over time."""
     import resource
 
     report = {
@@ -540,6 +549,7 @@ def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int) ->
         "wall_s": wall_s,
         "clips_per_s": n_clips / wall_s,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "timeline": timeline,
     }
     Path(path).write_text(json.dumps(report, indent=1))
 

@@ -2,8 +2,8 @@
 
     python -m shards.synth --out DIR --clips N --seed S [--split development] [--min-s 2 --max-s 5]
 
-writes `DIR/clotho_captions_{split}.csv` (file_name, caption_1..caption_5), the clips as 16-bit WAV files in
-`DIR/{split}/`, and `DIR/scenes_{split}.json` (the events of every clip, the ground truth for checks).
+writes `DIR/clotho_captions_{split}.csv` (file_name, caption_1..caption_5), the clips as 16-bit WAV (or FLAC) files
+in `DIR/{split}/`, and `DIR/scenes_{split}.json` (the events of every clip, the ground truth for checks).
 
 Each clip is a sound scene of one to three events in sequence over a faint noise floor. Six event types (a steady
 tone, a pitch sweep, noise bursts, rhythmic clicks, a low mains hum, a ringing bell) vary in pitch, direction, rate
@@ -153,13 +153,16 @@ def write_corpus(
     min_s: float = 2.0,
     max_s: float = 5.0,
     sample_rate_hz: int = 44_100,
+    audio_format: str = "wav",
 ) -> Path:
-    """Write the corpus; returns the captions CSV path."""
+    """Write the corpus (16-bit `audio_format` files: wav or flac); returns the captions CSV path."""
     import soundfile as sf
     from tqdm import tqdm
 
     if clips < 1 or not 0 < min_s <= max_s:
         raise ValueError(f"need clips >= 1 and 0 < min_s <= max_s, got {clips}, {min_s}, {max_s}")
+    if audio_format not in ("wav", "flac"):
+        raise ValueError(f"audio format {audio_format!r}: choose wav or flac")
     out = Path(out)
     audio_dir = out / split
     audio_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def write_corpus(
     for i in tqdm(range(clips), desc="synth", unit="clip", mininterval=1.0, disable=clips < 200):
         rng = np.random.default_rng([seed, i])
         events = scene(rng)
-        name = f"scene_{i:06d}.wav"
+        name = f"scene_{i:06d}.{audio_format}"
         duration_s = float(rng.uniform(min_s, max_s))
         sf.write(audio_dir / name, render(events, duration_s, sample_rate_hz, rng), sample_rate_hz, subtype="PCM_16")
         rows.append([name, *captions_for(events, rng)])
@@ -189,10 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="development", help="split name in the file names")
     p.add_argument("--min-s", type=float, default=2.0, help="shortest clip, seconds")
     p.add_argument("--max-s", type=float, default=5.0, help="longest clip, seconds")
-    p.add_argument("--sample-rate", type=int, default=44_100, help="WAV sample rate, Hz (Clotho: 44100)")
+    p.add_argument("--sample-rate", type=int, default=44_100, help="sample rate, Hz (Clotho: 44100)")
+    p.add_argument("--format", default="wav", choices=["wav", "flac"], help="audio file format (16-bit)")
     args = p.parse_args(argv)
     try:
-        path = write_corpus(args.out, args.clips, args.seed, args.split, args.min_s, args.max_s, args.sample_rate)
+        path = write_corpus(
+            args.out, args.clips, args.seed, args.split, args.min_s, args.max_s, args.sample_rate, args.format
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
