@@ -2,6 +2,6 @@
 
 from relret import compat as _compat
 
-_compat.ensure_importable()
+_compat.install()
 
 __version__ = "0.1.0"
