@@ -315,6 +315,11 @@ def run(cfg: BuildConfig) -> Manifest:
         connection.close()
 
     records = sorted(records + new_records, key=lambda r: r.index)
+    if not records:
+        raise RuntimeError(
+            f"no clip of {cfg.captions} could be read, so no shard was written:\n{_skip_summary(trailing)}\nCheck "
+            "--audio-dir and --audio-template"
+        )
     assert [r.index for r in records] == list(range(len(records))), "every shard index is present"
     audio_skipped = [s for r in records for s in r.skipped] + trailing
     config = {
