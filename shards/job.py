@@ -85,7 +85,8 @@ class BuildConfig:
     """auto | cuda | cpu: SBERT actors with num_gpus=1 (cuda; they wait for GPU nodes to join) or on CPU; auto picks
     cuda when the cluster has GPUs at the start."""
     sbert_actors: int | None = None
-    """SBERT actors; default one per GPU in the cluster (cuda), or one per CPU up to 4 (cpu: each holds a model)."""
+    """SBERT actors; default one per GPU in the cluster (cuda), or on CPU one, growing to one per CPU (at most 4)
+    while embeddings lag behind the audio."""
     sbert_cpu_threads: int = 1
     """torch threads of a CPU SBERT actor."""
     sbert_cpus: float = 0.0
@@ -399,15 +400,18 @@ def _process(
     gpus = cluster.cluster_gpus()
     cpus = cluster.cluster_cpus()
     on_gpu = cfg.sbert_device == "cuda" or (cfg.sbert_device == "auto" and gpus > 0)
-    # CPU actors share the CPUs with the audio tasks (they reserve none): with as many actors as CPUs the embedding
-    # can use every core while audio waits, and the audio every core while embedding waits (measured on 2 cores).
-    n_sbert = cfg.sbert_actors or (max(gpus, 1) if on_gpu else min(cpus, 4))
     if on_gpu:
-        embedder_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
-        embedders = [embedder_cls.remote(cfg.sbert, "cuda") for _ in range(n_sbert)]
+        gpu_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
+        size = cfg.sbert_actors or max(gpus, 1)
+        embedders = _EmbedderPool(lambda: gpu_cls.remote(cfg.sbert, "cuda"), size, size)
     else:
-        embedder_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
-        embedders = [embedder_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads) for _ in range(n_sbert)]
+        # CPU actors share the CPUs with the audio tasks (they reserve none). The pool starts with one and grows, up
+        # to one per CPU (at most 4: each holds a model), while embeddings lag behind the audio: Clotho's five
+        # captions per clip need about as much CPU as its audio, WavCaps' one caption much less.
+        cpu_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
+        size = cfg.sbert_actors or 1
+        embedders = _EmbedderPool(lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size,
+                                  cfg.sbert_actors or min(cpus, 4))  # fmt: skip
     writer_cls = ray.remote(num_cpus=0)(ShardWriter)
     writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers or (4 if storage.is_s3(out_dir) else 1))]
     encode = ray.remote(num_cpus=1, num_returns=2, max_retries=3, retry_exceptions=True)(encode_clips)
@@ -418,12 +422,12 @@ def _process(
             for start in range(gap.start, gap.end, cfg.clips_per_task):
                 yield gap_no, start, min(start + cfg.clips_per_task, gap.end)
 
-    def submit(start: int, end: int, n: int) -> _Chunk:
+    def submit(start: int, end: int) -> _Chunk:
         part = clips[start:end]
         captions = [c for clip in part for c in clip.captions]
         offsets = np.cumsum([0] + [len(clip.captions) for clip in part]).tolist()
         status, encoded = encode.remote(part, cfg.audio_dir, cfg.dataset, split, cfg.max_duration_s)
-        sbert = embedders[n % len(embedders)].embed.remote(captions)
+        sbert = embedders.embed(captions)
         return _Chunk(start, part, status, encoded, sbert, offsets)
 
     bad = list(catalog.skipped) + [s for r in done for s in r.skipped]
@@ -432,17 +436,14 @@ def _process(
     adds: collections.deque = collections.deque()
     plan = chunks()
     queue: collections.deque = collections.deque()
-    submitted = 0
 
     def top_up() -> None:
-        nonlocal submitted
         while len(queue) < in_flight:
             item = next(plan, None)
             if item is None:
                 return
             gap_no, start, end = item
-            queue.append((gap_no, submit(start, end, submitted)))
-            submitted += 1
+            queue.append((gap_no, submit(start, end)))
 
     def collect(block: bool) -> None:
         if not finishing:
@@ -462,7 +463,7 @@ def _process(
         desc=f"{cfg.dataset}/{split}",
         mininterval=1.0,
     )
-    done = len(clips) - todo
+    processed = len(clips) - todo
     try:
         top_up()
         gap_no, index, count, shard_start, shard_skipped = -1, 0, 0, 0, []
@@ -502,8 +503,8 @@ def _process(
                 adds.append(writers[index % len(writers)].add.remote(chunk.encoded, chunk.sbert, rows))
             _check_skipped(bad, catalog.total, cfg.max_skipped_fraction)
             bar.update(len(statuses))
-            done += len(statuses)
-            timeline.append((time.perf_counter() - t_start, done))
+            processed += len(statuses)
+            timeline.append((time.perf_counter() - t_start, processed))
             del chunk
             while len(adds) > 2 * in_flight:
                 ray.get(adds.popleft())
@@ -527,12 +528,53 @@ def _process(
             _check_gap_end(gap, index, count, shard_skipped)
         ray.get(list(adds))
         collect(block=True)
+        print(f"[shards] used {len(embedders.actors)} SBERT actor(s) on {'GPU' if on_gpu else 'CPU'}", flush=True)
     except BaseException:
-        ray.get([w.abort.remote() for w in writers], timeout=60)
+        try:  # drop the shards being written (queued adds run first: nothing partial is published either way)
+            ray.get([w.abort.remote() for w in writers], timeout=60)
+        except Exception:  # a dead writer has nothing left to drop; the original error is the one to report
+            pass
         raise
     finally:
         bar.close()
     return new_records, trailing
+
+
+class _EmbedderPool:
+    """SBERT actors; each call goes to the actor with the fewest calls outstanding.
+
+    Starting with `initial` actors, the pool adds one (up to `limit`) when embeddings lag behind: every actor has its
+    model loaded (a first result came back), more than two calls per actor are waiting, and that backlog has not
+    shrunk over the last eight calls. The backlog left by loading the model alone drains, and adds nothing.
+    """
+
+    def __init__(self, make, initial: int, limit: int) -> None:
+        self.make, self.limit = make, max(limit, initial)
+        self.actors = [make() for _ in range(initial)]
+        self.outstanding: list[list] = [[] for _ in self.actors]
+        self.loaded = [False] * initial
+        self.backlog: collections.deque[int] = collections.deque(maxlen=8)
+
+    def embed(self, captions: list[str]):
+        import ray
+
+        for i, refs in enumerate(self.outstanding):
+            if refs:
+                ready, refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self.loaded[i] = self.loaded[i] or bool(ready)
+        waiting = sum(len(refs) for refs in self.outstanding)
+        if all(self.loaded) and len(self.actors) < self.limit:
+            self.backlog.append(waiting)
+            full = len(self.backlog) == self.backlog.maxlen
+            if full and waiting > 2 * len(self.actors) and waiting >= self.backlog[0]:
+                self.actors.append(self.make())
+                self.outstanding.append([])
+                self.loaded.append(False)
+                self.backlog.clear()
+        i = min(range(len(self.actors)), key=lambda k: len(self.outstanding[k]))
+        ref = self.actors[i].embed.remote(captions)
+        self.outstanding[i].append(ref)
+        return ref
 
 
 def _check_gap_end(gap: _Gap, index: int, count: int, skipped: list[SkippedInput]) -> None:

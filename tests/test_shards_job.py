@@ -161,7 +161,8 @@ def _synth_args(corpus: Path, out) -> dict:
 
 
 def test_synthetic_shards_are_exact_and_a_rerun_keeps_them(synth_corpus, synth_reference, capsys):
-    """120 clips give 17 shards of 7 and one of 1, each clip once; a rerun verifies them and rewrites nothing."""
+    """120 clips give 17 shards of 7 and one of 1, each clip once; a rerun verifies them and rewrites nothing but a
+    shard whose bytes changed or that was deleted (rewritten identical)."""
     out_dir, manifest = synth_reference
     _check_manifest_files(out_dir, 7, 120)
     keys = [s.key for s in _samples(out_dir)]
@@ -171,6 +172,18 @@ def test_synthetic_shards_are_exact_and_a_rerun_keeps_them(synth_corpus, synth_r
     assert "18 shard(s) already done" in capsys.readouterr().out
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
     assert {p.name: p.stat().st_mtime_ns for p in Path(out_dir).glob("*.tar")} == mtimes
+
+    corrupt, deleted = Path(out_dir) / manifest.shards[5].name, Path(out_dir) / manifest.shards[9].name
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    corrupt.write_bytes(bytes(data))
+    deleted.unlink()
+    repaired = _build(**_synth_args(synth_corpus, Path(out_dir).parents[1]))
+    assert "16 shard(s) already done" in capsys.readouterr().out
+    assert [s.sha256 for s in repaired.shards] == [s.sha256 for s in manifest.shards]
+    assert _sha256(corrupt) == manifest.shards[5].sha256 and _sha256(deleted) == manifest.shards[9].sha256
+    unchanged = {n: t for n, t in mtimes.items() if n not in (corrupt.name, deleted.name)}
+    assert {n: (Path(out_dir) / n).stat().st_mtime_ns for n in unchanged} == unchanged
 
 
 def test_other_inputs_refuse_an_existing_output(synth_corpus, synth_reference):
