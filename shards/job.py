@@ -85,8 +85,8 @@ class BuildConfig:
     """auto | cuda | cpu: SBERT actors with num_gpus=1 (cuda; they wait for GPU nodes to join) or on CPU; auto picks
     cuda when the cluster has GPUs at the start."""
     sbert_actors: int | None = None
-    """SBERT actors; default one per GPU in the cluster (cuda), or on CPU one, growing to one per CPU (at most 4)
-    while embeddings lag behind the audio."""
+    """SBERT actors; default one per GPU in the cluster (cuda); on CPU one per CPU (at most 4) for several captions
+    per clip, else one, growing to that while embeddings lag behind the audio."""
     sbert_cpu_threads: int = 1
     """torch threads of a CPU SBERT actor."""
     sbert_cpus: float = 0.0
@@ -405,11 +405,13 @@ def _process(
         size = cfg.sbert_actors or max(gpus, 1)
         embedders = _EmbedderPool(lambda: gpu_cls.remote(cfg.sbert, "cuda"), size, size)
     else:
-        # CPU actors share the CPUs with the audio tasks (they reserve none). The pool starts with one and grows, up
-        # to one per CPU (at most 4: each holds a model), while embeddings lag behind the audio: Clotho's five
-        # captions per clip need about as much CPU as its audio, WavCaps' one caption much less.
+        # CPU actors share the CPUs with the audio tasks (they reserve none); the pool grows, up to one per CPU (at
+        # most 4: each holds a model), while embeddings lag behind the audio. Embedding work is proportional to the
+        # captions: Clotho's five per clip need about as much CPU as its audio (measured here), so several captions
+        # per clip start with the full pool; WavCaps' one caption per clip starts with one actor.
         cpu_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
-        size = cfg.sbert_actors or 1
+        captions_per_clip = sum(len(c.captions) for c in clips) / len(clips)
+        size = cfg.sbert_actors or (min(cpus, 4) if captions_per_clip >= 2 else 1)
         embedders = _EmbedderPool(lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size,
                                   cfg.sbert_actors or min(cpus, 4))  # fmt: skip
     writer_cls = ray.remote(num_cpus=0)(ShardWriter)
