@@ -223,6 +223,7 @@ def test_killed_job_resumes_with_every_clip_once(synth_corpus, synth_reference, 
     out_dir = out / "clotho" / "development"
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray_dirs: set[str] = set()
+    tree: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while len(list((out_dir / progress.PROGRESS_DIR).glob("*.json"))) < 3:
@@ -231,10 +232,13 @@ def test_killed_job_resumes_with_every_clip_once(synth_corpus, synth_reference, 
             time.sleep(0.02)
         tree = descendants(proc.pid)
         ray_dirs = {_ray_temp_dir(p) for p in tree} - {None}
+        assert ray_dirs, "no process of the job names its Ray temp dir"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
-        stop_pids([proc.pid] + descendants(proc.pid))
+        # The driver's Ray processes, found before the kill (its agents' command lines name no directory, and once
+        # their parents die they are no longer the driver's descendants), then anything naming its temp dir.
+        stop_pids([proc.pid] + tree + descendants(proc.pid))
         for d in ray_dirs:
             stop_pids(pids_mentioning(d))
             shutil.rmtree(d, ignore_errors=True)
