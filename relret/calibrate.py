@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from relret.captions import read_caption_table
 from relret.relevance import PAPER_A, PAPER_B
 
 RATING_COLUMNS = ("query_text", "query_source_file", "file_name", "rating")
@@ -68,20 +69,6 @@ def read_ratings(path: str | Path) -> list[Rating]:
     if not rows:
         raise ValueError(f"{path}: no ratings")
     return rows
-
-
-def read_caption_table(path: str | Path) -> dict[str, list[str]]:
-    """file_name -> captions, from a CSV with a `file_name` column and `caption_1..caption_k` columns (Clotho)."""
-    path = Path(path)
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        caption_cols = [c for c in fields if c.startswith("caption_")]
-        if "file_name" not in fields or not caption_cols:
-            raise ValueError(
-                f"{path}: expected columns file_name,caption_1..caption_5 (Clotho), found {', '.join(fields)}"
-            )
-        return {row["file_name"]: [row[c] for c in caption_cols if row[c]] for row in reader}
 
 
 def query_clip_similarity(ratings: Sequence[Rating], captions: dict[str, list[str]], embed) -> tuple[np.ndarray, int]:

@@ -6,10 +6,14 @@ timm then fail to import because they import both whenever installed. relret nev
 ops (audio is decoded with soundfile and resampled with soxr), so where, and only where, the native load fails, the
 two modules that load it are replaced by inert stand-ins. Where the native libraries load (a GPU cluster with
 matching CUDA builds) this does nothing.
+
+`import relret` calls `install()`: the check runs when torchvision or torchaudio is first imported, so code that
+never imports them (the shard job's driver and audio workers) does not pay for importing torch.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.abc
 import importlib.util
@@ -73,48 +77,63 @@ def _patch_torchaudio() -> None:
 
 def ensure_importable() -> list[str]:
     """Apply the stand-ins where needed (idempotent); returns the names of the modules that were replaced."""
+    uninstall()
     _patch_torchvision()
     _patch_torchaudio()
     return list(_patched)
 
 
-class _LoadedModule(importlib.abc.Loader):
-    """Hands the import system a module that the check below has already imported."""
+class _PatchOnFirstImport(importlib.abc.MetaPathFinder):
+    """Runs `ensure_importable` when torchvision or torchaudio is first looked up (imported, or probed with
+    importlib.util.find_spec as transformers does).
+
+    Importing torchvision to test it costs about 2 s and 250 MB. Deferring it keeps `import relret` cheap for code
+    that never touches torch: the shard job's driver and audio workers, command-line tools.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _GUARDED:
+            return None
+        ensure_importable()  # removes this finder first, then imports both packages (with stand-ins if needed)
+        module = sys.modules.get(fullname)
+        if module is None:
+            return None
+        # The import system, seeing the module already in sys.modules, continues with `module.__spec__`: hand it a
+        # copy whose loader returns the module as it is instead of executing it again (it restores the original).
+        spec = copy.copy(module.__spec__)
+        spec.loader = _AlreadyImported(module)
+        module.__spec__ = spec
+        return spec
+
+
+class _AlreadyImported(importlib.abc.Loader):
+    """Loader of a module that is already imported; anything else is asked of the module's own loader."""
 
     def __init__(self, module: types.ModuleType) -> None:
-        self.module = module
+        self.module, self.spec = module, module.__spec__
 
     def create_module(self, spec):
         return self.module
 
     def exec_module(self, module) -> None:
-        pass
+        module.__spec__ = self.spec
+
+    def __getattr__(self, name: str):
+        return getattr(self.spec.loader, name)
 
 
-class _CheckOnFirstImport(importlib.abc.MetaPathFinder):
-    """Runs the check when torchvision or torchaudio is first looked for (an import, or transformers' availability
-    probe through importlib.util.find_spec), so `import relret` itself stays cheap."""
-
-    _patches = {"torchvision": _patch_torchvision, "torchaudio": _patch_torchaudio}
-
-    def __init__(self) -> None:
-        self.busy = False
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self._patches or self.busy:
-            return None
-        self.busy = True  # the check imports the module itself; let the normal finders serve that import
-        try:
-            self._patches[fullname]()
-        finally:
-            self.busy = False
-        module = sys.modules.get(fullname)
-        if module is None:
-            return None  # not installed
-        return importlib.util.spec_from_loader(fullname, _LoadedModule(module))
+_GUARDED = ("torchvision", "torchaudio")
+_finder = _PatchOnFirstImport()
 
 
 def install() -> None:
-    """Check lazily from now on (idempotent); `ensure_importable()` checks at once."""
-    if not any(isinstance(f, _CheckOnFirstImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _CheckOnFirstImport())
+    """Apply the stand-ins when torchvision or torchaudio is first imported (at once if one already is)."""
+    if any(name in sys.modules for name in _GUARDED):
+        ensure_importable()
+    elif _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+def uninstall() -> None:
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)

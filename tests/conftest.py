@@ -138,3 +138,90 @@ def slurm_cluster():
             else:
                 os.environ[key] = value
         shutil.rmtree(state, ignore_errors=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of `pid` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier and p not in found]
+        found += children
+        frontier = children
+    return found
+
+
+def pids_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line contains `marker` (a path or port unique to one test), this process excluded."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def stop_pids(pids, timeout_s: float = 10.0) -> None:
+    """SIGTERM each PID, then SIGKILL what is still alive after `timeout_s` (never by name)."""
+    import signal
+    import time
+
+    pids = [p for p in dict.fromkeys(pids) if p != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            if not pids:
+                return
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap our own children so they do not linger as zombies
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """A small synthetic corpus in Clotho's layout (`python -m shards.synth`): 120 clips of 1-2 s, seed 7.
+
+    Holds clotho_captions_development.csv and development/*.wav; tests that break inputs copy it first.
+    """
+    from shards.synth import write_corpus
+
+    root = tmp_path_factory.mktemp("synth")
+    write_corpus(root, clips=120, seed=7, min_s=1.0, max_s=2.0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A private Ray on 127.0.0.1 shared by the in-process shard-job tests (`shards.cluster.connect`), stopped at the
+    end of the session. It starts after the S3 server so that its workers see the S3 endpoint."""
+    from shards import cluster
+
+    connection = cluster.connect(None, num_cpus=2)
+    yield
+    connection.close()
