@@ -160,10 +160,17 @@ class RetrievalModel:
     def encode_audio_files(
         self, paths: Sequence[str | os.PathLike], max_duration_s: float | None = 30.0, batch_size: int = 16
     ) -> np.ndarray:
-        """Audio files (anything libsndfile reads; mixed to mono, resampled to 32 kHz) -> [len(paths), E]."""
-        from relret.audio import load_audio
+        """Audio files (anything libsndfile reads; mixed to mono, resampled to 32 kHz, local or s3://) -> [len(paths), E].
+        An unusable file raises relret.audio.BadAudio (a ValueError) naming it and the reason."""
+        from relret.audio import BadAudio, load_clip
 
-        return self.encode_audio([load_audio(p, max_duration_s) for p in paths], batch_size)
+        waveforms = []
+        for path in paths:
+            try:
+                waveforms.append(load_clip(str(path), max_duration_s))
+            except BadAudio as exc:
+                raise BadAudio(f"{path}: {exc}") from None
+        return self.encode_audio(waveforms, batch_size)
 
 
 def main_export(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Dataflow. The driver reads the metadata (`shards/readers.py`), orders the clips (sorted by source name, then
 permuted with `--seed`) and cuts the order into small audio tasks of `--clips-per-task` clips. Each task (a Ray task,
-one CPU) reads its clips' audio from their paths, resamples and encodes FLAC (`shards/audio.py`), and returns two
+one CPU) reads its clips' audio from their paths, resamples and encodes FLAC (`relret/audio.py`), and returns two
 objects: a small status list (which clips failed and why) and the encoded clips. The same clips' captions go to the
 SBERT actor pool (`shards/embedding.py`). The driver reads only the statuses, in order: the survivors fill shards of
 exactly `--samples-per-shard` samples, and it routes slices of each task's output, by reference, to a pool of writer
@@ -163,7 +163,7 @@ def encode_clips(
     clips: list[ClipSpec], audio_dir: str, dataset: str, split: str, max_duration_s: float
 ) -> tuple[list[str | None], list[tuple[dict, bytes] | None]]:
     """An audio task: (per clip, None or why it was skipped; per clip, (SampleMeta fields, FLAC bytes) or None)."""
-    from shards.audio import BadAudio, load_clip
+    from relret.audio import BadAudio, load_clip
 
     statuses: list[str | None] = []
     encoded: list[tuple[dict, bytes] | None] = []

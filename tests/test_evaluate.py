@@ -134,7 +134,7 @@ def test_export_loads_without_training_code_and_scores_the_same(trained, tmp_pat
 
 def test_index_and_search_match_brute_force(trained, tmp_path, capsys):
     """An index of audio files (44.1 kHz stereo WAVs, resampled on the way in) returns the brute-force cosine order."""
-    from relret.audio import load_audio
+    from relret.audio import load_clip
     from relret.retrieval import RetrievalModel
 
     clips, _, sources, captions, _ = _read_val_independently(trained["val"])
@@ -154,7 +154,7 @@ def test_index_and_search_match_brute_force(trained, tmp_path, capsys):
     got = [line.split()[-1] for line in lines[1:6]]
     model = RetrievalModel.load(trained["run_dir"], device="cpu")
     files = sorted(audio_dir.glob("*.wav"))
-    audio = model.encode_audio([load_audio(p) for p in files])
+    audio = model.encode_audio([load_clip(str(p), 30.0) for p in files])
     ref = np.argsort(-(audio @ model.encode_text([captions[3]])[0]), kind="stable")[:5]
     assert got == [files[j].name for j in ref]
     # the same clips from the shards give the same ranking

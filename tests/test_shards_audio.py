@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from relret.audio import BadAudio, load_clip, max_samples
 from relret.shard_format import SAMPLE_RATE_HZ, decode_flac, encode_flac
-from shards.audio import BadAudio, load_clip, max_samples
 
 
 def _tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:
@@ -74,3 +74,10 @@ def test_bad_audio_reasons(tmp_path):
         with pytest.raises(BadAudio, match=reason):
             load_clip(str(tmp_path / name), 30.0)
     assert len(load_clip(str(tmp_path / "ok.wav"), 30.0)) == 32000
+
+
+def test_no_limit_reads_the_whole_file(tmp_path):
+    """max_duration_s=None returns the whole file, resampled (length by soxr's rule)."""
+    sf.write(tmp_path / "long.wav", np.zeros(44100 * 3, dtype=np.float32), 44100)
+    assert len(load_clip(str(tmp_path / "long.wav"), None)) == 96000
+    assert len(load_clip(str(tmp_path / "long.wav"), 1.0)) == 32000
