@@ -8,6 +8,7 @@ works unchanged (gathers return their input).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -87,6 +88,7 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
 
 RENDEZVOUS_DIR_VAR = "RELRET_RENDEZVOUS_DIR"
 _temp_store_dirs: list[str] = []
+_shared_store_files: list[str] = []
 
 
 def _free_loopback_port() -> int:
@@ -104,7 +106,9 @@ def rendezvous(info: DistInfo, env: dict[str, str]) -> str:
     - RELRET_RENDEZVOUS_DIR set: a file store in that directory, which every node must share (a cluster file
       system; torch's `file://` rendezvous). Nothing listens for the rendezvous, which helps where ad-hoc TCP
       servers are unwelcome (and keeps tests on loopback: torch's TCPStore always binds every interface). The file
-      name holds the master address and port, the SLURM job, step and restart count, so reruns never meet a stale one.
+      name holds the master address and port, the SLURM job, step and restart count, so reruns never meet a stale one;
+      rank 0 removes the file at `cleanup_distributed` (every rank has opened it by then), so that a manual rerun on
+      the same port does not find it either.
     - Otherwise `env://`: a TCP store on MASTER_ADDR:MASTER_PORT, as torchrun and the deepspeed launcher expect.
     """
     if info.world_size == 1:
@@ -118,7 +122,10 @@ def rendezvous(info: DistInfo, env: dict[str, str]) -> str:
         os.makedirs(shared, exist_ok=True)
         parts = [env["MASTER_ADDR"], env["MASTER_PORT"]]
         parts += [env.get(k, "-") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")]
-        return f"file://{os.path.abspath(shared)}/rendezvous-{'-'.join(parts)}"
+        path = f"{os.path.abspath(shared)}/rendezvous-{'-'.join(parts)}"
+        if info.rank == 0:
+            _shared_store_files.append(path)
+        return f"file://{path}"
     return "env://"
 
 
@@ -166,6 +173,9 @@ def cleanup_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    while _shared_store_files:
+        with contextlib.suppress(OSError):
+            os.unlink(_shared_store_files.pop())
     while _temp_store_dirs:
         shutil.rmtree(_temp_store_dirs.pop(), ignore_errors=True)
 

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from relret.distributed import DistInfo, read_world
+from relret.distributed import RENDEZVOUS_DIR_VAR, DistInfo, read_world
 
 
 def test_no_launcher_is_a_world_of_one():
@@ -46,6 +48,7 @@ def test_rendezvous_choices():
     env = {"MASTER_ADDR": "n1", "MASTER_PORT": "2345", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}
     shared = rendezvous(DistInfo(0, 0, 2, "slurm"), env | {"RELRET_RENDEZVOUS_DIR": "/tmp/rdv"})
     assert shared == "file:///tmp/rdv/rendezvous-n1-2345-7---1"
+    cleanup_distributed()
     assert rendezvous(DistInfo(0, 0, 2, "torch"), env) == "env://"
 
 
@@ -87,3 +90,16 @@ def test_file_rendezvous_two_processes_listen_on_loopback_at_most(tmp_path):
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert [r["sum"] for r in results] == [3.0, 3.0]
     assert all(ip.startswith("127.") or ip == "::1" for r in results for ip in r["listening"]), results
+
+
+def test_rank0_removes_the_shared_rendezvous_file_at_cleanup(tmp_path):
+    """A finished run leaves no store file behind (DeepSpeed's cloned groups keep the file store's own clean-up from
+    running), so a manual rerun with the same MASTER_PORT does not meet a stale store and fail to connect."""
+    from relret.distributed import cleanup_distributed, rendezvous
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", RENDEZVOUS_DIR_VAR: str(tmp_path)}
+    for rank in (1, 0):
+        path = Path(rendezvous(DistInfo(rank, rank, 2, "torch"), env).removeprefix("file://"))
+        path.write_text("store")
+        cleanup_distributed()
+        assert path.exists() == (rank == 1)  # only rank 0 removes it
