@@ -1,7 +1,7 @@
 """`python -m relret evaluate`: retrieval metrics of a trained model on evaluation shards.
 
     python -m relret evaluate --model runs/finetune_clotho --shards shards/clotho/evaluation --out runs/eval/clotho
-    deepspeed --num_gpus 8 -m relret evaluate ...      # or torchrun/srun: embeddings computed on all ranks
+    torchrun --nproc-per-node 8 -m relret evaluate ...   # or srun: embeddings computed on all ranks
 
 Every clip of the shards is embedded once and every caption once, in batches, split over ranks and DataLoader
 workers (the reader training validation uses, so the two agree). Text-to-audio: each caption queries the clips;
