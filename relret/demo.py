@@ -21,7 +21,6 @@ numbers are whatever this run measures; nothing is filled in.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import shlex
@@ -243,23 +242,10 @@ def plot_relevance(rel: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
-def read_captions(csv_path: Path) -> dict[str, list[str]]:
-    """file_name -> captions of a Clotho-style captions CSV."""
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        return {
-            row["file_name"]: [v for k, v in row.items() if k.startswith("caption_") and v]
-            for row in csv.DictReader(fh)
-        }
-
-
-def held_out_search(index_dir: Path, model_dir: Path, captions: dict[str, list[str]], k: int = HITS_AT) -> dict:
-    """Every caption of the held-out clips as a search query against the index: how often its own clip is in the top
-    k, against chance (k / clips in the index)."""
-    from relret.index import AudioIndex
-    from relret.retrieval import RetrievalModel
-
-    index = AudioIndex.load(index_dir)
-    model = RetrievalModel.load(model_dir)
+def held_out_search(index, model, captions: dict[str, list[str]], k: int = HITS_AT) -> dict:
+    """Every caption of the held-out clips as a search query against the index (`relret.index.AudioIndex`, queries
+    embedded by `model`, a `relret.RetrievalModel`): how often its own clip is in the top k, against chance (k / clips
+    in the index)."""
     queries = [(name, text) for name, texts in captions.items() for text in texts]
     hits = index.search(model.encode_text([text for _, text in queries]), k)
     found = [name in {hit for hit, _ in results} for (name, _), results in zip(queries, hits)]
@@ -275,6 +261,8 @@ def held_out_search(index_dir: Path, model_dir: Path, captions: dict[str, list[s
 
 def write_report(out: Path, seeds: Sequence[int], elapsed_s: dict[str, float]) -> dict:
     from relret import index as index_cli
+    from relret.captions import read_caption_table
+    from relret.index import AudioIndex
     from relret.results import EvalResult, format_table2, format_ttest, paired_ttest, table2
     from relret.retrieval import RetrievalModel
 
@@ -312,14 +300,15 @@ def write_report(out: Path, seeds: Sequence[int], elapsed_s: dict[str, float]) -
     print(f"$ python -m relret index {shlex.join(index_argv)}", flush=True)
     if index_cli.main_index(index_argv) != 0:
         raise SystemExit("demo: building the index failed (see above)")
-    captions = read_captions(out / "corpus" / "clotho" / "clotho_captions_evaluation.csv")
+    captions = read_caption_table(out / "corpus" / "clotho" / "clotho_captions_evaluation.csv")
     examples = [texts[0] for texts in list(captions.values())[:3]] + ["a dog barks in the rain"]
     print(f"$ python -m relret search --index {index_dir} -k 5 " + " ".join(shlex.quote(q) for q in examples))
     scenes = json.loads((out / "corpus" / "clotho" / "scenes_evaluation.json").read_text(encoding="utf-8"))
-    searches = _search_examples(index_dir, model_dir, examples, captions, scenes)
+    index, model = AudioIndex.load(index_dir), RetrievalModel.from_pretrained(model_dir)
+    searches = _search_examples(index, model, examples, captions, scenes)
     (report / "searches.md").write_text(searches, encoding="utf-8")
     print(searches)
-    held_out = held_out_search(index_dir, model_dir, captions)
+    held_out = held_out_search(index, model, captions)
     print(
         f"Held-out captions whose clip is in the top {held_out['k']}: {held_out['hits']}/{held_out['queries']} = "
         f"{100 * held_out['rate']:.1f}% (chance {100 * held_out['chance']:.1f}%)"
@@ -369,15 +358,9 @@ def _scene(events: list[dict]) -> str:
     return " -> ".join(f"{e['type']} ({e['attribute']}, {e['loudness']})" for e in events)
 
 
-def _search_examples(
-    index_dir: Path, model_dir: Path, queries: list[str], captions: dict[str, list[str]], scenes: dict[str, list]
-) -> str:
-    from relret.index import AudioIndex
-    from relret.retrieval import RetrievalModel
-
-    index = AudioIndex.load(index_dir)
+def _search_examples(index, model, queries: list[str], captions: dict[str, list[str]], scenes: dict[str, list]) -> str:
     owner = {text: name for name, texts in captions.items() for text in texts}
-    hits = index.search(RetrievalModel.load(model_dir).encode_text(queries), 5)
+    hits = index.search(model.encode_text(queries), 5)
     lines = [
         "# Example searches over the evaluation clips",
         "",

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from scipy.stats import binomtest
 
-from relret.demo import METHODS, held_out_search, read_captions, stage
+from relret.captions import read_caption_table
+from relret.demo import METHODS, held_out_search, stage
+from relret.index import AudioIndex
+from relret.retrieval import RetrievalModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,12 +71,13 @@ def test_search_finds_held_out_captions_clips_more_often_than_chance(demo):
     against chance gives p < 0.01."""
     out, _ = demo
     report = out / "report"
-    captions = read_captions(out / "corpus" / "clotho" / "clotho_captions_evaluation.csv")
+    captions = read_caption_table(out / "corpus" / "clotho" / "clotho_captions_evaluation.csv")
     assert len(captions) == 80
-    result = held_out_search(report / "index", report / "model", captions)
+    index, model = AudioIndex.load(report / "index"), RetrievalModel.from_pretrained(report / "model")
+    result = held_out_search(index, model, captions)
     assert result["chance"] == pytest.approx(10 / 80)
     assert result["rate"] >= 1.5 * result["chance"], result
-    first = held_out_search(report / "index", report / "model", {name: texts[:1] for name, texts in captions.items()})
+    first = held_out_search(index, model, {name: texts[:1] for name, texts in captions.items()})
     assert binomtest(first["hits"], first["queries"], first["chance"], alternative="greater").pvalue < 0.01, first
     # The report's number is this one.
     assert json.loads((report / "summary.json").read_text())["held_out_search"] == result
@@ -91,7 +95,7 @@ def test_search_finds_held_out_captions_clips_more_often_than_chance(demo):
     assert proc.returncode == 0, proc.stderr[-2000:]
     listed = re.findall(r"^\s+\d+\.\s+[-\d.]+\s+(\S+)$", proc.stdout, flags=re.M)
     assert len(listed) == 30
-    per_query = held_out_search(report / "index", report / "model", {name: [captions[name][0]] for name in names})
+    per_query = held_out_search(index, model, {name: [captions[name][0]] for name in names})
     in_top = [name in listed[10 * i : 10 * i + 10] for i, name in enumerate(names)]
     assert sum(in_top) == per_query["hits"]
 
