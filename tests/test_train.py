@@ -89,7 +89,14 @@ def test_paper_configs_hold_the_paper_settings():
         assert (a.embed_dim, a.depth, a.num_heads, a.stride, a.n_mels, a.window_s) == (768, 12, 12, 16, 128, 10.0)
         assert (t.name_or_path, t.max_tokens, t.lowercase, t.strip_punctuation) == ("roberta-large", 32, True, True)
         assert (cfg.model.embed_dim, cfg.loss.tau, cfg.loss.name) == (1024, 0.05, "listnet")
-    assert len(load_config(TrainConfig, REPO / "configs" / "pretrain.yaml").data.train) == 3
+    # WavCaps (one shard directory per subset, as shards/build.py names them) + AudioCaps + Clotho development.
+    pretrain = load_config(TrainConfig, REPO / "configs" / "pretrain.yaml").data
+    assert [s.path for s in pretrain.train] == [
+        *(f"data/shards/wavcaps/{subset}" for subset in ("freesound", "bbc", "soundbible", "audioset_sl")),
+        "data/shards/audiocaps/train",
+        "data/shards/clotho/development",
+    ]
+    assert pretrain.val == ["data/shards/clotho/validation"]
     assert load_config(TrainConfig, REPO / "configs" / "finetune_audiocaps.yaml").data.crop_s == 10.0
 
 
