@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,22 @@ def write_shard_dir(
     )
     (out / shard_format.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return records
+
+
+def read_shard_with_tarfile(path: Path) -> dict[str, shard_format.Sample]:
+    """The samples of one shard by key, in member order, read with tarfile (not the training reader): the independent
+    reference the tests compare the reader and the evaluation against."""
+    members: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+    return {k: shard_format.decode_sample(v) for k, v in members.items()}
+
+
+def read_samples_with_tarfile(shard_dir: Path) -> list[shard_format.Sample]:
+    """Every sample of a shard directory, in shard and member order (`read_shard_with_tarfile` per shard)."""
+    return [s for shard in sorted(Path(shard_dir).glob("*.tar")) for s in read_shard_with_tarfile(shard).values()]
 
 
 def truncate_shard(path: Path, keep_fraction: float = 0.5) -> None:

@@ -6,11 +6,10 @@ import io
 import json
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-from shardkit import truncate_shard, write_shard_dir
+from shardkit import read_shard_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import shard_format, storage
 from relret.config import ConfigError
@@ -41,16 +40,6 @@ def _epoch(cfg, rank=0, world=1, batch=4, batches=8, epoch=0, start=None, source
         sets, cfg, seed=7, epoch=epoch, rank=rank, world_size=world, batch_size=batch, batches=batches, start=start
     )
     return list(make_loader(stream, cfg))
-
-
-def _read_tar_samples(path: Path) -> dict[str, shard_format.Sample]:
-    """The samples of a shard read with tarfile directly (the reference for what data.py yields)."""
-    members: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, _, ext = m.name.partition(".")
-            members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
-    return {k: shard_format.decode_sample(v) for k, v in members.items()}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +103,7 @@ def test_caption_choice_crop_and_vectors_match_the_shard(corpus):
     root, records, _ = corpus
     reference = {}
     for shard in sorted((root / "a").glob("*.tar")):
-        reference.update(_read_tar_samples(shard))
+        reference.update(read_shard_with_tarfile(shard))
     cfg = _cfg([root / "a"], crop_s=2.0, max_captions=5)
     chosen = Counter()
     for epoch in range(3):
@@ -170,7 +159,7 @@ def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd
     still delivers every batch (the resumed position stays exact despite the damage)."""
     write_shard_dir(tmp_path / "a", n_clips=16, per_shard=8, seed=3)
     bad = tmp_path / "a" / "synth-train-000001.tar"
-    before = set(_read_tar_samples(bad))
+    before = set(read_shard_with_tarfile(bad))
     truncate_shard(bad, 0.5)
     names = []
     with tarfile.open(bad, mode="r|*") as tar:

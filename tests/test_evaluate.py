@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from scipy import stats
-from shardkit import write_shard_dir
+from shardkit import read_samples_with_tarfile, write_shard_dir
 
 from relret import checkpoint as ckpt
 from relret import shard_format
@@ -51,19 +50,12 @@ def trained(tmp_path_factory) -> dict:
 def _read_val_independently(val_dir: Path):
     """Clips and captions of the validation shards read with tarfile (not the training reader)."""
     clips, clip_ids, sources, captions, caption_ids = [], [], [], [], []
-    for shard in sorted(val_dir.glob("*.tar")):
-        members: dict[str, dict] = {}
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, _, ext = m.name.partition(".")
-                members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
-        for raw in members.values():
-            s = shard_format.decode_sample(raw)
-            clips.append(s.audio[: int(CROP_S * shard_format.SAMPLE_RATE_HZ)])
-            clip_ids.append(s.meta.clip_id)
-            sources.append(s.meta.source_file)
-            captions += s.meta.captions
-            caption_ids += [s.meta.clip_id] * len(s.meta.captions)
+    for s in read_samples_with_tarfile(val_dir):
+        clips.append(s.audio[: int(CROP_S * shard_format.SAMPLE_RATE_HZ)])
+        clip_ids.append(s.meta.clip_id)
+        sources.append(s.meta.source_file)
+        captions += s.meta.captions
+        caption_ids += [s.meta.clip_id] * len(s.meta.captions)
     return clips, np.array(clip_ids), sources, captions, np.array(caption_ids)
 
 

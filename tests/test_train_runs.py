@@ -13,7 +13,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import pytest
 import torch
 from conftest import free_port
 from safetensors.torch import load_file
-from shardkit import truncate_shard, write_shard_dir
+from shardkit import read_samples_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import checkpoint as ckpt
-from relret import shard_format
 
 pytestmark = pytest.mark.slow
 
@@ -262,18 +260,11 @@ def test_load_model_reproduces_the_best_validation_metrics(launched_run, shards)
     best_step = ckpt.step_of_tag(ckpt.read_pointer(run_dir, ckpt.BEST))
     recorded = next(r for r in _records(run_dir, "val") if r["step"] == best_step)
     clips, clip_ids, captions, caption_ids = [], [], [], []
-    for shard in sorted((shards / "val").glob("*.tar")):
-        members: dict[str, dict] = {}
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, _, ext = m.name.partition(".")
-                members.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
-        for raw in members.values():
-            sample = shard_format.decode_sample(raw)
-            clips.append(sample.audio[: int(cfg.data.val_crop_s * 32000)])
-            clip_ids.append(sample.meta.clip_id)
-            captions += sample.meta.captions
-            caption_ids += [sample.meta.clip_id] * len(sample.meta.captions)
+    for sample in read_samples_with_tarfile(shards / "val"):
+        clips.append(sample.audio[: int(cfg.data.val_crop_s * 32000)])
+        clip_ids.append(sample.meta.clip_id)
+        captions += sample.meta.captions
+        caption_ids += [sample.meta.clip_id] * len(sample.meta.captions)
     with torch.no_grad():
         audio_emb = torch.cat(
             [model.encode_audio(torch.from_numpy(c)[None], torch.tensor([len(c)]), normalize=True) for c in clips]
