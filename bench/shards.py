@@ -9,6 +9,8 @@ same Sentence-BERT embedding in batches of the same size, the same shard writer.
 end to end (imports, model load and, for Ray, starting Ray included), alternately, `--rounds` times each; medians are
 reported, with the CPU seconds each used (summed over its process tree, sampled from /proc), which other jobs on the
 machine disturb much less than wall time. The loop's torch uses its default threads (all cores) for the embeddings.
+The "bound" line is the most any parallel version of the loop could gain: the loop's wall time against its CPU time
+divided by the CPUs (its work spread perfectly, with no start-up, transfer or scheduling cost added).
 
 Workloads (both synthetic scenes from `shards.synth`):
 - clotho: 15-30 s, 44.1 kHz 16-bit WAV, five captions per clip (Clotho's shape);
@@ -201,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"  {'speed-up':26s} {med['loop'][0] / med['ray'][0]:7.2f}x       {med['ray'][2] / med['loop'][2]:9.2f}x",
+            flush=True,
+        )
+        cpus = os.cpu_count() or 1
+        print(
+            f"  bound: the loop's own CPU work spread perfectly over {cpus} CPUs, nothing added: "
+            f"{med['loop'][0] / (med['loop'][1] / cpus):.2f}x end to end; the Ray job used "
+            f"{med['ray'][1] - med['loop'][1]:+.1f} CPU s more than the loop",
             flush=True,
         )
     for n in [int(x) for x in args.memory_clips.split(",") if x]:

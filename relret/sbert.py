@@ -49,10 +49,21 @@ def model_name(path: str | None) -> str:
     return str(path)
 
 
-def embed_captions(model, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """Unit-norm float32 embeddings [len(captions), D]."""
+# Captions per forward pass. sentence-transformers sorts the captions of a call by length and pads each batch to its
+# longest, so on a CPU small batches waste less work on padding: measured on all-MiniLM-L6-v2 over synthetic
+# captions (15 tokens on average, 29 at most), batches of 32 cost 2.75 ms of CPU per caption against 4.40 ms for
+# batches of 256, with the same embeddings to 2e-7. A GPU wants large batches.
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
+
+
+def embed_captions(model, captions: Sequence[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    """Unit-norm float32 embeddings [len(captions), D]; `batch_size` default: CPU_BATCH_SIZE on a CPU, else
+    GPU_BATCH_SIZE."""
     if len(captions) == 0:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    if batch_size is None:
+        batch_size = CPU_BATCH_SIZE if model.device.type == "cpu" else GPU_BATCH_SIZE
     emb = model.encode(
         list(captions),
         batch_size=batch_size,

@@ -30,7 +30,7 @@ class SbertEmbedder:
     def device(self) -> str:
         return str(self.model.device)
 
-    def embed(self, captions: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def embed(self, captions: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """float16 [len(captions), D], unit-norm rows."""
         from relret.sbert import embed_captions
 

@@ -107,3 +107,17 @@ def test_real_sbert_relevance_orders_paraphrases_first(sbert_model):
     g = relevance_matrix(emb[:1], emb)[0]
     assert g[0] > g[1] > g[2]
     assert g[0].item() == pytest.approx(1 / (1 + math.exp(2.73 - 4.58)), abs=1e-4)  # h = 1 for the caption itself
+
+
+def test_cpu_embedding_batches_give_each_caption_its_own_embedding(sbert_model):
+    """The CPU default (small length-sorted batches) embeds every caption as it would be embedded alone."""
+    from relret.sbert import CPU_BATCH_SIZE, embed_captions
+
+    words = "a dog barks loudly while rain falls on a tin roof and a car passes by in the distance".split()
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(words, size=rng.integers(2, 17))) for _ in range(3 * CPU_BATCH_SIZE + 5)]
+    emb = embed_captions(sbert_model, captions)
+    assert emb.shape == (len(captions), 384)
+    for i in rng.choice(len(captions), size=12, replace=False):
+        alone = sbert_model.encode([captions[i]], normalize_embeddings=True)[0]
+        np.testing.assert_allclose(emb[i], alone, atol=1e-5)
