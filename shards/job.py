@@ -190,9 +190,10 @@ def encode_clips(
 
 
 AUDIO_TASK_NICENESS = 5
-"""How much lower than the SBERT actors and shard writers the audio tasks run (their `os.nice` increment). Audio
-tasks feed the other two, so when the CPUs are shared the embeddings and the writing keep pace with the audio
-instead of piling up behind it and finishing alone, on fewer CPUs, after the last audio task."""
+"""How much lower than the SBERT actors and shard writers the audio tasks run (their `os.nice` increment): the
+audio tasks feed the other two, which get the CPUs first when they have work. Measured on 2 CPUs: 0.4-1.2 s faster
+in each of 4 paired runs of 23-31 s (the embeddings still end a few calls behind the audio)."""
+_niced = False
 
 
 def _audio_task(*args):
@@ -202,9 +203,6 @@ def _audio_task(*args):
         os.nice(AUDIO_TASK_NICENESS)
         _niced = True
     return encode_clips(*args)
-
-
-_niced = False
 
 
 @dataclasses.dataclass
