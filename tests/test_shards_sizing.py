@@ -26,7 +26,7 @@ def test_cpu_actor_counts_on_the_documented_machines():
     assert cpu_sbert_actors(32, 5) == 14 and cpu_sbert_actors(32, 1) == 4
 
 
-def test_audio_task_lowers_its_own_priority_once(tmp_path):
+def test_audio_task_lowers_its_own_priority_once():
     """In a fresh process (as a Ray worker is), the first audio task adds AUDIO_TASK_NICENESS; later ones add none."""
     import multiprocessing as mp
 
