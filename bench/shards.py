@@ -10,7 +10,9 @@ end to end (imports, model load and, for Ray, starting Ray included), alternatel
 reported, with the CPU seconds each used (summed over its process tree, sampled from /proc), which other jobs on the
 machine disturb much less than wall time. The loop's torch uses its default threads (all cores) for the embeddings.
 The "bound" line is the most any parallel version of the loop could gain: the loop's wall time against its CPU time
-divided by the CPUs (its work spread perfectly, with no start-up, transfer or scheduling cost added).
+divided by the CPUs (its work spread perfectly, with no start-up, transfer or scheduling cost added). The line after
+it does the same for the Ray job's own CPU time: the most the job could gain with the CPU it uses, were no CPU ever
+idle; the rest of the gap is idle CPU (start-up, the tail, stopping Ray).
 
 Workloads (both synthetic scenes from `shards.synth`):
 - clotho: 15-30 s, 44.1 kHz 16-bit WAV, five captions per clip (Clotho's shape);
@@ -210,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  bound: the loop's own CPU work spread perfectly over {cpus} CPUs, nothing added: "
             f"{med['loop'][0] / (med['loop'][1] / cpus):.2f}x end to end; the Ray job used "
             f"{med['ray'][1] - med['loop'][1]:+.1f} CPU s more than the loop",
+            flush=True,
+        )
+        floor = med["ray"][1] / cpus
+        print(
+            f"  the Ray job's own CPU spread perfectly over {cpus} CPUs: {floor:.1f} s, so at most "
+            f"{med['loop'][0] / floor:.2f}x with its CPU cost; it took {med['ray'][0]:.1f} s, "
+            f"{med['ray'][0] - floor:.1f} s more (CPUs idle at start-up, in the tail and while Ray stops)",
             flush=True,
         )
     for n in [int(x) for x in args.memory_clips.split(",") if x]:
