@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from shardkit import read_samples_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import checkpoint as ckpt
+from relret.distributed import deepspeed_shm_buffer_name
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +77,21 @@ def _single(run_dir: Path, overrides: list[str], init_from: str | None = None) -
 
 
 def _launcher(run_dir: Path, overrides: list[str], ranks: int = 2) -> subprocess.Popen:
-    ds = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    port = free_port()
+    ds = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port)]
     ds += [str(TRAIN), "--config", str(TINY), "--run-dir", str(run_dir), *overrides]
     inner = "ip link set lo up && exec " + shlex.join(ds)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return _start(["unshare", "-n", "bash", "-c", inner], run_dir.parent / f"{run_dir.name}.log")
+    proc = _start(["unshare", "-n", "bash", "-c", inner], run_dir.parent / f"{run_dir.name}.log")
+    proc.master_port = port
+    return proc
+
+
+def _shm_buffers(proc: subprocess.Popen, ranks: int = 2) -> list[str]:
+    """Which of DeepSpeed's /dev/shm allreduce buffers of a launcher run exist."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(proc.master_port)}
+    names = [deepspeed_shm_buffer_name(rank, env) for rank in range(ranks)]
+    return [name for name in names if (Path("/dev/shm") / name).exists()]
 
 
 def _wait(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> int:
@@ -183,13 +194,16 @@ def launched_run(tmp_path_factory, shards, can_unshare) -> dict:
     ]
     rank1 = [p for p in ranks if "--local_rank=1" in p.cmdline()]
     assert len(rank1) == 1, ranks
+    shm_during = _shm_buffers(first)
     rank1[0].send_signal(signal.SIGUSR1)  # one rank only: every rank must still stop together
     rc_first = _wait(first)
+    shm_after = _shm_buffers(first)
     status_first = _status(run_dir)
     latest_first = ckpt.read_pointer(run_dir, ckpt.LATEST)
     log_first = _log(run_dir)
     second = _launcher(run_dir, overrides)
     rc_second = _wait(second)
+    shm_after += _shm_buffers(second)
     third = _single(run_dir.parent / "run", overrides)  # a completed run dir: says so and exits 0
     rc_third = _wait(third, timeout=60)
     return {
@@ -198,6 +212,8 @@ def launched_run(tmp_path_factory, shards, can_unshare) -> dict:
         "status_first": status_first,
         "latest_first": latest_first,
         "log_first": log_first,
+        "shm_during": shm_during,
+        "shm_after": shm_after,
         "log": _log(run_dir),
     }
 
@@ -225,6 +241,14 @@ def test_two_rank_launcher_run_learns_and_writes_metrics(launched_run):
     assert ckpt.step_tags(run_dir) == sorted({best, ckpt.tag_for_step(32)})  # keep_checkpoints=1, plus the best
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").read_text() == (run_dir / ckpt.CHECKPOINTS / best / "config.yaml").read_text()
+
+
+@pytest.mark.distributed
+def test_launcher_runs_leave_no_deepspeed_shm_buffers(launched_run):
+    """DeepSpeed's CPU backend maps a 66 MB /dev/shm allreduce buffer per rank while the run lasts; after the run, the
+    interrupted one and its resumption alike, none is left behind."""
+    assert len(launched_run["shm_during"]) == 2
+    assert launched_run["shm_after"] == []
 
 
 @pytest.mark.distributed
