@@ -185,13 +185,14 @@ def stop_pids(pids, timeout_s: float = 10.0) -> None:
                 pass
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if alive(p)]
             if not pids:
                 return
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not count)."""
     try:
         os.waitpid(pid, os.WNOHANG)  # reap our own children so they do not linger as zombies
     except ChildProcessError:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, pids_mentioning, stop_pids
+from conftest import REPO, alive, pids_mentioning, stop_pids
 
 pytestmark = pytest.mark.ray
 
@@ -44,14 +44,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_private_ray_stops_every_process_and_its_temp_dir():
     """`Connection.close` of a private Ray leaves no Ray process and no temp dir; the autoscaler monitor, which Ray
     itself would stop only after the GCS (and then wait on for a second), is stopped first without disturbing the
@@ -71,10 +63,10 @@ def test_private_ray_stops_every_process_and_its_temp_dir():
         assert {"gcs_server", "raylet", "monitor"} <= set(report["processes"])
         assert report["temp_dir"] == temp_dir
         deadline = time.monotonic() + 10  # the raylet's workers may take a moment to exit after it
-        while time.monotonic() < deadline and (pids_mentioning(temp_dir) or [p for p in recorded if _alive(p)]):
+        while time.monotonic() < deadline and (pids_mentioning(temp_dir) or [p for p in recorded if alive(p)]):
             time.sleep(0.1)
-        assert [p for p in recorded if _alive(p)] == []
+        assert [p for p in recorded if alive(p)] == []
         assert pids_mentioning(temp_dir) == []
         assert not Path(temp_dir).exists()
     finally:
-        stop_pids([p for p in recorded if _alive(p)] + (pids_mentioning(temp_dir) if temp_dir else []))
+        stop_pids([p for p in recorded if alive(p)] + (pids_mentioning(temp_dir) if temp_dir else []))
