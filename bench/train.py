@@ -6,7 +6,7 @@ utilisation (MFU) of full PaSST-S + RoBERTa-large at batch 32 in bf16 where CUDA
     python bench/train.py --shards DIR             # read existing shards (DIR/{train,val}) instead of synthetic ones
 
 CPU part: runs the real entry point (`python relret/train.py`, one process, DeepSpeed, DataLoader workers) on
-synthetic shards (tests/shardkit.py) and reads its metrics.jsonl: samples/s and the fraction of step time spent
+synthetic shards (tests/kit/shards.py) and reads its metrics.jsonl: samples/s and the fraction of step time spent
 waiting for the next batch, over the steps after the warm-up. Target: data wait under 10%.
 
 GPU part: one rank, the DeepSpeed engine with bf16 autocast and ZeRO 1, synthetic batches already on the GPU
@@ -119,8 +119,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
 
 
 def full_model_config(tiny: bool):
-    from relret.config import load_config
-    from relret.train import TrainConfig
+    from relret.config import TrainConfig, load_config
 
     if tiny:
         cfg = load_config(TrainConfig, REPO / "configs" / "tiny_cpu.yaml")
@@ -152,15 +151,15 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
-    import relret.train as T
+    from relret import distributed
     from relret.losses import build_loss
     from relret.models import build_model
+    from relret.trainer import Plan, deepspeed_config
 
     cfg = full_model_config(tiny=(args.model or ("tiny" if on_cpu else "full")) == "tiny")
     device = torch.device("cpu") if on_cpu else torch.device("cuda", 0)
     if not dist.is_initialized():
-        store = T._set_single_process_env()
-        dist.init_process_group("gloo" if on_cpu else "nccl", init_method=f"file://{store}/s", rank=0, world_size=1)
+        distributed.init_distributed(require_group=True)  # a file store for one process: nothing listens
     batch = args.batch
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
@@ -181,8 +180,8 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     flops_per_step = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
 
-    plan = T.Plan(1, batch, 1000, 1000, 10, 1000 * batch)
-    ds_cfg = T.deepspeed_config(cfg, plan, bf16)
+    plan = Plan(1, batch, 1000, 1000, 10, 1000 * batch)
+    ds_cfg = deepspeed_config(cfg, plan, bf16)
     ds_cfg["train_batch_size"] = batch
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
 

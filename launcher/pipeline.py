@@ -30,11 +30,12 @@ from typing import Any
 
 from launcher import slurm
 from launcher.config import REPO, PipelineConfig, absolute
-from relret.config import ConfigError, to_dict
+from relret import run_dir as run_contract
+from relret.config import ConfigError, TrainConfig, load_config, to_dict
+from relret.run_dir import EXIT_INTERRUPTED as INTERRUPTED
+from relret.run_dir import Status, write_json_atomic
 
 STATE_FILE = "pipeline.json"
-INTERRUPTED = 75
-"""Training's exit code for "stopped by a signal after a complete checkpoint" (the training contract)."""
 
 Print = Callable[[str], None]
 
@@ -43,23 +44,14 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """A run directory's status.json, or None when there is none (or it cannot be read)."""
-    try:
-        data = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def read_status(run_dir: Path) -> Status | None:
+    """A run directory's status.json (the run-directory contract, `relret.run_dir`), or None."""
+    return run_contract.read_status(run_dir)
 
 
 def is_completed(run_dir: Path) -> bool:
-    return (read_status(run_dir) or {}).get("state") == "completed"
+    status = read_status(run_dir)
+    return status is not None and status.state == "completed"
 
 
 def read_state(root: Path) -> dict[str, Any]:
@@ -163,9 +155,24 @@ def check_inputs(cfg: PipelineConfig) -> None:
                 f"stages.{name}.init_from: stage {parent!r} is disabled but {cfg.run_dir(parent)} holds no completed "
                 f"run; enable it or point stages.{parent}.run_dir at a finished run"
             )
-        stage_args(cfg, name)  # placeholders
+        args = stage_args(cfg, name)  # placeholders
+        if stage.kind == "train" and absolute(stage.config).is_file():
+            problems += _training_config_problems(name, args)
     if problems:
         raise ConfigError("the pipeline cannot start:\n  " + "\n  ".join(problems))
+
+
+def _training_config_problems(name: str, args: list[str]) -> list[str]:
+    """Load a training stage's config with its overrides exactly as relret/train.py will (relret.config, torch-free),
+    so that a typo fails here, naming the stage and the key, instead of after a queue wait."""
+    config, overrides = args[1], args[4:]
+    if overrides[:1] == ["--init-from"]:
+        overrides = overrides[2:]
+    try:
+        load_config(TrainConfig, config, overrides)
+    except ConfigError as exc:
+        return [f"stages.{name}: its training config does not load ({config} with its overrides): {exc}"]
+    return []
 
 
 def sbatch_args(cfg: PipelineConfig, name: str, dependencies: list[str]) -> list[str]:
@@ -300,9 +307,12 @@ def local_env(cfg: PipelineConfig) -> dict[str, str]:
     return env
 
 
-def _write_command_status(run_dir: Path, state: str, exit_code: int | None) -> None:
+def _write_command_status(run_dir: Path, state: str, exit_code: int | None, pid: int | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "status.json", {"state": state, "exit_code": exit_code, "updated": now()})
+    fields: dict[str, Any] = {"kind": "command", "exit_code": exit_code}
+    if pid is not None:
+        fields["pid"] = pid
+    run_contract.write_status(run_dir, state, **fields)
 
 
 def run_local(cfg: PipelineConfig, out: Print = print) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 from launcher import slurm
 from launcher.pipeline import STATE_FILE, read_state, read_status
+from relret.run_dir import Status, describe_dead, liveness
 
 
 @dataclasses.dataclass
@@ -32,14 +32,21 @@ class StageStatus:
     log: str | None
 
 
-def _summary(enabled: bool, job: slurm.JobInfo | None, run: dict[str, Any] | None) -> tuple[str, str]:
-    run_state = (run or {}).get("state")
+def _summary(enabled: bool, job: slurm.JobInfo | None, run: Status | None) -> tuple[str, str]:
+    run_state = run.state if run is not None else None
     if not enabled:
         return "disabled", ""
     if run_state == "completed":
         return "completed", ""
     if job is None:
-        return "not submitted", ""
+        if run is None:
+            return "not submitted", ""
+        if run_state == "running":
+            alive = liveness(run)
+            if alive == "dead":
+                return "dead", f"status.json says running but {describe_dead(run)}; run the same command again"
+            return ("running", "") if alive == "alive" else ("running?", "written on another host, no heartbeat")
+        return run_state, run.message or ""
     if job.active:
         word = {"PENDING": "pending", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued"}.get(job.state, "running")
         why = f"waiting: {job.reason}" if word == "pending" and job.reason and job.reason != "None" else ""
@@ -66,7 +73,7 @@ def pipeline_status(root: Path) -> list[StageStatus]:
         job = slurm.job_info(job_id) if job_id else None
         run = read_status(Path(record["run_dir"]))
         word, why = _summary(record.get("enabled", True), job, run)
-        run = run or {}
+        fields = dataclasses.asdict(run) if run is not None else {}
         rows.append(
             StageStatus(
                 stage=name,
@@ -76,11 +83,11 @@ def pipeline_status(root: Path) -> list[StageStatus]:
                 slurm_state=job.state if job else None,
                 slurm_reason=job.reason if job else None,
                 restarts=job.restarts if job else None,
-                run_state=run.get("state"),
-                step=run.get("step"),
-                total_steps=run.get("total_steps"),
-                checkpoint=run.get("checkpoint"),
-                init_from=run.get("init_from"),
+                run_state=fields.get("state"),
+                step=fields.get("step"),
+                total_steps=fields.get("total_steps"),
+                checkpoint=fields.get("checkpoint"),
+                init_from=fields.get("init_from"),
                 run_dir=record["run_dir"],
                 log=record.get("log"),
             )

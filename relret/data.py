@@ -19,9 +19,13 @@ the epoch's remaining steps start a fresh stream and a warning says so).
 Damaged data does not stop training: a shard that cannot be read to its end (truncated, corrupt) or holds fewer
 samples than its manifest lists, and a sample that does not decode, are skipped with a warning and counted; the counts travel with the batches to the training loop.
 
-Batch (dict): audio [B, T] float32 zero-padded, audio_len [B] valid samples, captions list[str], caption_sbert
-[B, D] float32, clip_sbert [B, C, D] float32 and caption_mask [B, C] bool (all captions, C = max_captions),
-clip_ids [B] int64, keys list[str], and bookkeeping (worker, batches_done, raw_pos, damaged_shards, bad_samples).
+Only the audio a batch uses is decoded: a training clip's random crop (drawn from the clip length in the FLAC header,
+with the same random draw as a crop of the decoded clip) and a validation clip's first `val_crop_s` seconds
+(`relret.flac_crop`).
+
+A batch is a `Batch`; training batches carry `StreamInfo` (the worker's position and its damage counts).
+Evaluation shards are opened with `open_eval_shards`, and `eval_data_config` gives the streaming settings to read
+them with `ValStream`.
 """
 
 from __future__ import annotations
@@ -39,72 +43,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relret import shard_format, storage
-from relret.config import ConfigError
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclasses.dataclass
-class ShardSource:
-    """One training source: a shard directory of one (dataset, split) and its share of the mix."""
-
-    path: str = ""
-    """Directory (local or s3://) with the shards and manifest.json, as written by `shards/`."""
-    weight: float | None = None
-    """Relative share of training samples from this source; null: its sample count (sources concatenated)."""
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("data.train[].path must name a shard directory")
-        if self.weight is not None and not self.weight > 0:
-            raise ConfigError(f"data.train[].weight must be > 0, got {self.weight} for {self.path}")
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Where shards are and how they are streamed."""
-
-    train: list[ShardSource] = dataclasses.field(default_factory=list)
-    """Training sources, mixed by weight."""
-    val: list[str] = dataclasses.field(default_factory=list)
-    """Validation shard directories (each clip once, every caption a query); empty: no validation."""
-    sbert_dim: int = 384
-    """Dimension of the shards' Sentence-BERT vectors: 384 for all-MiniLM-L6-v2 (relret.sbert's default), 768 for
-    all-mpnet-base-v2 (the paper's)."""
-    crop_s: float = 30.0
-    """Training clips longer than this are randomly cropped to it (the authors: 30 s; AudioCaps clips are 10 s)."""
-    val_crop_s: float = 30.0
-    """Validation clips are cut to their first `val_crop_s` seconds."""
-    max_captions: int = 5
-    """Captions per clip kept for the mean/max relevance variants (clip_sbert [B, C, D]); extra ones are dropped."""
-    shuffle_buffer: int = 1000
-    """Samples held by each worker's shuffle buffer (1: no shuffling)."""
-    shuffle_initial: int = 100
-    """Samples collected before the shuffle buffer starts yielding."""
-    num_workers: int = 4
-    """DataLoader worker processes per rank (0: read in the training process)."""
-    prefetch_factor: int = 4
-    """Batches prefetched per worker."""
-    samples_per_epoch: int | None = None
-    """Training samples per epoch; null: the training sources' sample total from their manifests."""
-    val_batch_size: int = 32
-    """Clips per validation batch."""
-
-    def __post_init__(self) -> None:
-        for key in ("sbert_dim", "max_captions", "shuffle_buffer", "shuffle_initial", "prefetch_factor"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ConfigError(f"data.samples_per_epoch must be >= 1 or null, got {self.samples_per_epoch}")
-        if self.val_batch_size < 1:
-            raise ConfigError(f"data.val_batch_size must be >= 1, got {self.val_batch_size}")
-        for key in ("crop_s", "val_crop_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"data.{key} must be > 0, got {getattr(self, key)}")
-
+from relret.config import ConfigError, DataConfig
+from relret.flac_crop import crop_window, decode_flac_window
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shard directories
@@ -211,6 +151,9 @@ def shard_sequence(urls: Sequence[str], probs: np.ndarray, seed: int) -> Iterato
 # Damage accounting
 
 MAX_EMPTY_SHARDS_IN_A_ROW = 64
+MIN_READS_FOR_DAMAGE_LIMIT = 32
+"""data.max_damaged_fraction is judged once an epoch has read at least this many shards (over all ranks): a few
+damaged shards early in an epoch are not yet a fraction."""
 
 
 class DamageCounter:
@@ -246,11 +189,16 @@ class ShardTooShort(ValueError):
     """A shard ended cleanly but holds fewer samples than its manifest lists (cut at a tar block boundary)."""
 
 
+class UnreadableShards(RuntimeError):
+    """Shard after shard gave no sample: the data is unreadable, training cannot go on."""
+
+
 def _raw_samples(
-    positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter, expected: dict[str, int]
+    positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter, expected: dict[str, int], reads: list[int]
 ) -> Iterator[dict]:
     """Raw samples (member -> bytes) of each drawn shard, tagged with (position, index in shard). A shard that
-    raises while being read, or holds fewer samples than `expected` (its manifest count), counts as damaged."""
+    raises while being read, or holds fewer samples than `expected` (its manifest count), counts as damaged;
+    `reads[0]` counts the shards read to their end."""
     import webdataset as wds
 
     empty_in_a_row = 0
@@ -264,15 +212,92 @@ def _raw_samples(
             damage(ShardTooShort(f"{index + 1} samples where the manifest lists {expected[url]}"))
         if damage.flagged:
             damage.count += 1
+        reads[0] += 1
         empty_in_a_row = empty_in_a_row + 1 if index < 0 else 0
         if empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
-            raise RuntimeError(
+            raise UnreadableShards(
                 f"{empty_in_a_row} shard reads in a row gave no sample (last: {url}); the shards are unreadable"
             )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Samples and batches
+
+
+@dataclasses.dataclass
+class StreamInfo:
+    """Where a training batch came from: its worker's position after it, and the damage seen since the last batch."""
+
+    worker: int
+    batches_done: int
+    raw_pos: int
+    damaged_shards: int
+    """Shard reads of this worker found damaged since its previous batch."""
+    bad_samples: int
+    """Samples that did not decode since its previous batch."""
+    shard_reads: int
+    """Shards this worker read to their end since its previous batch."""
+
+
+@dataclasses.dataclass
+class Batch:
+    """B clips with one caption each (training), or every clip of a validation batch with all its captions."""
+
+    audio: torch.Tensor
+    """[B, T] float32 at 32 kHz, zero-padded to the longest clip."""
+    audio_len: torch.Tensor
+    """[B] valid samples per row."""
+    captions: list[str]
+    """[B] the caption paired with each clip."""
+    caption_sbert: torch.Tensor
+    """[B, D] float32 Sentence-BERT vector of each paired caption."""
+    clip_sbert: torch.Tensor
+    """[B, C, D] float32 vectors of every caption of each clip (C = max_captions; padding under the mask)."""
+    caption_mask: torch.Tensor
+    """[B, C] bool, True for real captions."""
+    clip_ids: torch.Tensor
+    """[B] int64 stable clip ids."""
+    keys: list[str]
+    """[B] sample keys."""
+    all_captions: list[list[str]] | None = None
+    """Validation: every caption of each clip."""
+    source_files: list[str] | None = None
+    """Validation: each clip's source file name."""
+    info: StreamInfo | None = None
+    """Training: the stream's bookkeeping."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, name: str) -> Any:
+        """`batch["audio"]`, `batch["worker"]`: a field, or a field of its `info`, by name (read-only; the layout of
+        batches before they were typed)."""
+        if name in _BATCH_FIELDS:
+            return getattr(self, name)
+        if self.info is not None and name in _INFO_FIELDS:
+            return getattr(self.info, name)
+        raise KeyError(f"a Batch has no field {name!r}; it has {', '.join(sorted(_BATCH_FIELDS | _INFO_FIELDS))}")
+
+    def _map(self, fn) -> Batch:
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: fn(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if torch.is_tensor(getattr(self, f.name))
+            },
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread."""
+        return self._map(lambda t: t.pin_memory())
+
+
+_BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(Batch))
+_INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(StreamInfo))
 
 
 @dataclasses.dataclass
@@ -287,8 +312,8 @@ class _Clip:
     source_file: str = ""
 
 
-def _decode(raw: dict, sbert_dim: int) -> shard_format.Sample:
-    sample = shard_format.decode_sample(raw)
+def _decode(raw: dict, sbert_dim: int) -> shard_format.EncodedSample:
+    sample = shard_format.decode_sample_encoded(raw)
     if sample.meta.sample_rate != shard_format.SAMPLE_RATE_HZ:
         raise ValueError(f"sample {sample.key} is {sample.meta.sample_rate} Hz; the model reads 32 kHz shards")
     if sample.sbert.shape[1] != sbert_dim:
@@ -296,15 +321,7 @@ def _decode(raw: dict, sbert_dim: int) -> shard_format.Sample:
     return sample
 
 
-def random_crop(audio: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """A random window of at most `max_samples` (the whole clip when shorter)."""
-    if len(audio) <= max_samples:
-        return audio
-    start = int(rng.integers(0, len(audio) - max_samples + 1))
-    return audio[start : start + max_samples]
-
-
-def collate(clips: Sequence[_Clip], max_captions: int) -> dict[str, Any]:
+def collate(clips: Sequence[_Clip], max_captions: int) -> Batch:
     """Stack clips into a batch (audio zero-padded to the longest clip, caption vectors to `max_captions`)."""
     batch, dim = len(clips), clips[0].caption_sbert.shape[0]
     length = max(len(c.audio) for c in clips)
@@ -316,16 +333,16 @@ def collate(clips: Sequence[_Clip], max_captions: int) -> dict[str, Any]:
         n = min(len(c.all_sbert), max_captions)
         clip_sbert[i, :n] = c.all_sbert[:n]
         caption_mask[i, :n] = True
-    return {
-        "audio": torch.from_numpy(audio),
-        "audio_len": torch.tensor([len(c.audio) for c in clips], dtype=torch.long),
-        "captions": [c.caption for c in clips],
-        "caption_sbert": torch.from_numpy(np.stack([c.caption_sbert for c in clips]).astype(np.float32)),
-        "clip_sbert": torch.from_numpy(clip_sbert),
-        "caption_mask": torch.from_numpy(caption_mask),
-        "clip_ids": torch.tensor([c.clip_id for c in clips], dtype=torch.long),
-        "keys": [c.key for c in clips],
-    }
+    return Batch(
+        audio=torch.from_numpy(audio),
+        audio_len=torch.tensor([len(c.audio) for c in clips], dtype=torch.long),
+        captions=[c.caption for c in clips],
+        caption_sbert=torch.from_numpy(np.stack([c.caption_sbert for c in clips]).astype(np.float32)),
+        clip_sbert=torch.from_numpy(clip_sbert),
+        caption_mask=torch.from_numpy(caption_mask),
+        clip_ids=torch.tensor([c.clip_id for c in clips], dtype=torch.long),
+        keys=[c.key for c in clips],
+    )
 
 
 def _worker() -> tuple[int, int]:
@@ -344,6 +361,25 @@ class StreamPosition:
 
     batches_done: int = 0
     raw_pos: int = 0
+
+
+class StreamState:
+    """The training stream's position per DataLoader worker, as a per-rank checkpoint part."""
+
+    def __init__(self) -> None:
+        self.positions: dict[int, StreamPosition] = {}
+
+    def advance(self, info: StreamInfo) -> None:
+        self.positions[info.worker] = StreamPosition(info.batches_done, info.raw_pos)
+
+    def reset(self) -> None:
+        self.positions = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"positions": {str(w): dataclasses.asdict(p) for w, p in self.positions.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.positions = {int(w): StreamPosition(**p) for w, p in state.get("positions", {}).items()}
 
 
 class TrainStream(IterableDataset):
@@ -378,17 +414,18 @@ class TrainStream(IterableDataset):
         position, index = raw["__pos__"]
         rng = np.random.default_rng([self.epoch_seed, position, index])
         pick = int(rng.integers(len(sample.meta.captions)))
+        start, length = crop_window(sample.frames, self.crop_samples, rng)
         return _Clip(
             key=sample.key,
             clip_id=sample.meta.clip_id,
-            audio=random_crop(sample.audio, self.crop_samples, rng),
+            audio=decode_flac_window(sample.flac, start, length),
             caption=sample.meta.captions[pick],
             caption_sbert=sample.sbert[pick].astype(np.float32),
             all_sbert=sample.sbert.astype(np.float32),
             all_captions=sample.meta.captions,
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         import webdataset as wds
 
         storage.register_webdataset_s3()
@@ -402,15 +439,16 @@ class TrainStream(IterableDataset):
         quota = worker_quota(self.batches, worker, num_workers)
         pos = self.start.get(worker, StreamPosition())
         shard_damage, sample_damage = DamageCounter("damaged shard data"), DamageCounter("undecodable sample")
+        reads = [0]
         shards = islice(shard_sequence(self.urls, self.probs, self.epoch_seed), stream, None, n_streams)
         shuffle_rng = random.Random(epoch_seed(self.epoch_seed, stream))
         raw = wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=shuffle_rng)(
-            _raw_samples(shards, shard_damage, self.expected)
+            _raw_samples(shards, shard_damage, self.expected, reads)
         )
         raw_pos = pos.raw_pos
         for _ in islice(raw, raw_pos):  # resume: read past what the interrupted run consumed, without decoding
             pass
-        reported = (0, 0)
+        reported = (0, 0, 0)
         clips: list[_Clip] = []
         for batches_done in range(pos.batches_done, quota):
             while len(clips) < self.batch_size:
@@ -423,13 +461,14 @@ class TrainStream(IterableDataset):
                     sample_damage.record(exn)
             batch = collate(clips, self.cfg.max_captions)
             clips = []
-            counts = (shard_damage.count, sample_damage.count)
-            batch.update(
+            counts = (shard_damage.count, sample_damage.count, reads[0])
+            batch.info = StreamInfo(
                 worker=worker,
                 batches_done=batches_done + 1,
                 raw_pos=raw_pos,
                 damaged_shards=counts[0] - reported[0],
                 bad_samples=counts[1] - reported[1],
+                shard_reads=counts[2] - reported[2],
             )
             reported = counts
             yield batch
@@ -446,15 +485,16 @@ class ValStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.crop_samples = int(round(cfg.val_crop_s * shard_format.SAMPLE_RATE_HZ))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         storage.register_webdataset_s3()
         worker, num_workers = _worker()
         urls = self.urls[self.rank :: self.world_size][worker::num_workers]
         damage = DamageCounter("damaged validation shard data")
         clips: list[_Clip] = []
-        for raw in _raw_samples(enumerate(urls), damage, self.expected):
+        for raw in _raw_samples(enumerate(urls), damage, self.expected, [0]):
             try:
                 sample = _decode(raw, self.cfg.sbert_dim)
+                audio = decode_flac_window(sample.flac, 0, self.crop_samples)
             except Exception as exn:
                 damage.url = raw.get("__url__", "?")
                 damage.record(exn)
@@ -463,7 +503,7 @@ class ValStream(IterableDataset):
                 _Clip(
                     key=sample.key,
                     clip_id=sample.meta.clip_id,
-                    audio=sample.audio[: self.crop_samples],
+                    audio=audio,
                     caption=sample.meta.captions[0],
                     caption_sbert=sample.sbert[0].astype(np.float32),
                     all_sbert=sample.sbert.astype(np.float32),
@@ -477,11 +517,39 @@ class ValStream(IterableDataset):
         if clips:
             yield self._batch(clips)
 
-    def _batch(self, clips: list[_Clip]) -> dict[str, Any]:
+    def _batch(self, clips: list[_Clip]) -> Batch:
         batch = collate(clips, max(len(c.all_captions) for c in clips))
-        batch["all_captions"] = [c.all_captions for c in clips]
-        batch["source_files"] = [c.source_file for c in clips]
+        batch.all_captions = [c.all_captions for c in clips]
+        batch.source_files = [c.source_file for c in clips]
         return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation shards
+
+
+def open_eval_shards(paths: Sequence[str], what: str = "--shards") -> list[ShardSet]:
+    """Shard directories to evaluate or index; they must agree on the Sentence-BERT dimension (every sample is checked
+    against it)."""
+    sets = [open_shard_dir(p, None, what=what) for p in paths]
+    dims = {s.manifest.sbert_dim for s in sets}
+    if len(dims) > 1:
+        raise ValueError(f"{what} mix Sentence-BERT dimensions {sorted(dims)}; evaluate them separately")
+    return sets
+
+
+def eval_data_config(
+    sets: Sequence[ShardSet], max_duration_s: float, batch_size: int, num_workers: int, prefetch_factor: int = 2
+) -> DataConfig:
+    """The streaming settings to read evaluation shard sets with ValStream: clips cut to their first
+    `max_duration_s` seconds, `batch_size` clips per batch."""
+    return DataConfig(
+        sbert_dim=sets[0].manifest.sbert_dim,
+        val_crop_s=max_duration_s,
+        val_batch_size=batch_size,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,25 +558,63 @@ class ValStream(IterableDataset):
 
 def _worker_init(_: int) -> None:
     # The scheduler's SIGTERM/SIGUSR1 reach every process of the job; the training process handles them and shuts
-    # its workers down itself, so a worker must not die of them first.
+    # its workers down itself (`BatchLoader.close`, which kills a worker that does not stop), so a worker must not
+    # die of them first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a stream that yields whole batches; it never touches the global torch RNG."""
-    workers = cfg.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=cfg.prefetch_factor if workers else None,
-        persistent_workers=False,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers else None,
-        generator=torch.Generator().manual_seed(0),
-    )
+class BatchLoader:
+    """A DataLoader over a stream that yields whole batches, with a `close()` that always ends its worker processes.
+
+    The workers ignore SIGTERM (see `_worker_init`), so the DataLoader's own shutdown, which ends a worker that does
+    not stop with SIGTERM, and Python's exit, which then waits for it, could wait for ever. `close` (also on
+    exceptions, as a context manager) stops them the DataLoader's way, then kills whichever is still alive."""
+
+    def __init__(self, dataset: IterableDataset, cfg: DataConfig, pin_memory: bool = False) -> None:
+        workers = cfg.num_workers
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=cfg.prefetch_factor if workers else None,
+            persistent_workers=False,
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init if workers else None,
+            generator=torch.Generator().manual_seed(0),
+        )
+        self._iterators: list[Any] = []
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = iter(self.loader)
+        self._iterators.append(it)
+        return it
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker this loader started: the DataLoader's shutdown, then SIGKILL for any left."""
+        while self._iterators:
+            it = self._iterators.pop()
+            workers = list(getattr(it, "_workers", []))
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            for w in workers:
+                w.join(timeout=timeout_s if w.is_alive() else 0)
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=timeout_s)
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool = False) -> BatchLoader:
+    """A loader over a stream that yields whole batches; it never touches the global torch RNG."""
+    return BatchLoader(dataset, cfg, pin_memory)
 
 
 def steps_per_epoch(samples_per_epoch: int, global_batch_size: int) -> int:

@@ -193,15 +193,17 @@ def relevance_of_training_pairs(shard_dir: Path, batch_size: int, seed: int = 0)
     softmax(g/0.05) that falls on the caption's own clip (InfoNCE puts all of it there)."""
     import torch
 
-    from relret.data import DataConfig, ValStream, make_loader, open_shard_dir
+    from relret.config import DataConfig
+    from relret.data import ValStream, make_loader, open_shard_dir
     from relret.relevance import relevance_matrix
 
     shard_set = open_shard_dir(str(shard_dir), None, what="demo")
     cfg = DataConfig(sbert_dim=shard_set.manifest.sbert_dim, val_batch_size=64, num_workers=0)
     clips = []
-    for batch in make_loader(ValStream([shard_set], cfg, 0, 1), cfg):
-        for sbert, mask in zip(batch["clip_sbert"], batch["caption_mask"]):
-            clips.append(sbert[mask.bool()].numpy())
+    with make_loader(ValStream([shard_set], cfg, 0, 1), cfg) as loader:
+        for batch in loader:
+            for sbert, mask in zip(batch.clip_sbert, batch.caption_mask):
+                clips.append(sbert[mask.bool()].numpy())
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(clips))
     off_diagonal, own_share = [], []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,24 +68,21 @@ def embed_collection(
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
     audio, clip_ids, text, text_ids, caption_index, captions, sources = [], [], [], [], [], [], []
-    loader = make_loader(ValStream(shard_sets, data_cfg, rank, world), data_cfg)
-    try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            for batch in loader:
-                audio.append(
-                    model.encode_audio(batch["audio"].to(device), batch["audio_len"].to(device), normalize=True)
-                )
-                clip_ids.append(batch["clip_ids"])
-                batch_captions = [c for caps in batch["all_captions"] for c in caps]
-                text.append(model.encode_text(batch_captions, normalize=True))
-                for clip_id, caps in zip(batch["clip_ids"].tolist(), batch["all_captions"]):
-                    text_ids.extend([clip_id] * len(caps))
-                    caption_index.extend(range(len(caps)))
-                if with_names:
-                    captions.extend(batch_captions)
-                    sources.extend(batch["source_files"])
-    finally:
-        del loader
+    with (
+        make_loader(ValStream(shard_sets, data_cfg, rank, world), data_cfg) as loader,
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
+    ):
+        for batch in loader:
+            audio.append(model.encode_audio(batch.audio.to(device), batch.audio_len.to(device), normalize=True))
+            clip_ids.append(batch.clip_ids)
+            batch_captions = [c for caps in batch.all_captions for c in caps]
+            text.append(model.encode_text(batch_captions, normalize=True))
+            for clip_id, caps in zip(batch.clip_ids.tolist(), batch.all_captions):
+                text_ids.extend([clip_id] * len(caps))
+                caption_index.extend(range(len(caps)))
+            if with_names:
+                captions.extend(batch_captions)
+                sources.extend(batch.source_files)
     dim = model.cfg.embed_dim
     local_audio = torch.cat(audio).float() if audio else torch.zeros(0, dim, device=device)
     local_text = torch.cat(text).float() if text else torch.zeros(0, dim, device=device)
@@ -118,15 +116,11 @@ def evaluate_collection(collection: Collection, info: dict | None = None, what: 
     )
 
 
-def _open_shards(paths: Sequence[str]):
-    """The shard sets, which must agree on the Sentence-BERT dimension (the reader checks every sample against it)."""
-    from relret.data import open_shard_dir
-
-    sets = [open_shard_dir(p, None, what="--shards") for p in paths]
-    dims = {s.manifest.sbert_dim for s in sets}
-    if len(dims) > 1:
-        raise ValueError(f"--shards mix Sentence-BERT dimensions {sorted(dims)}; evaluate them separately")
-    return sets
+def _is_previous_evaluation(out: Path) -> bool:
+    try:
+        return "per_query" in json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
     parser.add_argument("--shards", nargs="+", required=True, help="evaluation shard directories (local or s3://)")
     parser.add_argument("--out", required=True, help="output directory for eval.json, metrics.md, the DCASE file")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out directory")
     parser.add_argument("--max-duration-s", type=float, default=30.0, help="clips are cut to their first N seconds")
     parser.add_argument("--batch-size", type=int, default=32, help="clips per batch and rank")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
@@ -142,25 +137,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from relret.data import DataConfig
+    from relret.data import eval_data_config, open_eval_shards
     from relret.results import dcase_submission_rows, format_table2
     from relret.retrieval import RetrievalModel
+    from relret.run_dir import atomic_output_dir, check_output_dir
 
+    out = Path(args.out)
+    try:
+        if args.batch_size < 1 or args.workers < 0 or not args.max_duration_s > 0:
+            raise ValueError("--batch-size must be >= 1, --workers >= 0 and --max-duration-s > 0")
+        check_output_dir(out, _is_previous_evaluation(out), "evaluation", args.overwrite)
+    except ValueError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
     info = distributed.init_distributed()
     try:
         try:
-            sets = _open_shards(args.shards)
+            sets = open_eval_shards(args.shards)
             model = RetrievalModel.load(args.model)
         except (ValueError, FileNotFoundError) as exc:
             print(f"evaluate: {exc}", file=sys.stderr)
             return 2
-        data_cfg = DataConfig(
-            sbert_dim=sets[0].manifest.sbert_dim,
-            val_crop_s=args.max_duration_s,
-            val_batch_size=args.batch_size,
-            num_workers=args.workers,
-            prefetch_factor=2,
-        )
+        data_cfg = eval_data_config(sets, args.max_duration_s, args.batch_size, args.workers)
         bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
         collection = embed_collection(model.model, sets, data_cfg, model.device, bf16, with_names=True)
         result = evaluate_collection(
@@ -173,21 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
         if info.is_main:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            from relret.storage import write_bytes
-
-            write_bytes(out / "eval.json", result.to_json().encode())
             table = format_table2({args.name or Path(args.model).name: [result]})
-            write_bytes(out / "metrics.md", (table + "\n").encode())
-            if args.dcase:
-                rows = dcase_submission_rows(
-                    collection.text.cpu().numpy(),
-                    collection.captions,
-                    collection.audio.cpu().numpy(),
-                    collection.source_files,
-                )
-                _write_csv(out / "dcase_submission.csv", ["caption"] + [f"file_name_{i}" for i in range(1, 11)], rows)
+            with atomic_output_dir(out) as tmp:
+                (tmp / "eval.json").write_text(result.to_json(), encoding="utf-8")
+                (tmp / "metrics.md").write_text(table + "\n", encoding="utf-8")
+                if args.dcase:
+                    rows = dcase_submission_rows(
+                        collection.text.cpu().numpy(),
+                        collection.captions,
+                        collection.audio.cpu().numpy(),
+                        collection.source_files,
+                    )
+                    _write_csv(tmp / "dcase_submission.csv", ["caption"] + [f"file_name_{i}" for i in range(1, 11)], rows)
             print(table)
             print(f"wrote {out}/eval.json ({result.info['n_clips']} clips, {result.info['n_captions']} captions)")
         return 0
@@ -196,9 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    from relret.storage import atomic_local_file
-
-    with atomic_local_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)

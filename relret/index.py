@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from relret.storage import atomic_local_dir
+from relret.run_dir import atomic_output_dir
 
 INDEX_FILE = "index.faiss"
 NAMES_FILE = "names.json"
@@ -84,10 +84,16 @@ class AudioIndex:
     def save(self, directory: str | Path) -> None:
         faiss = _faiss()
         cpu_index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
-        with atomic_local_dir(directory) as tmp:
+        with atomic_output_dir(directory) as tmp:
             faiss.write_index(cpu_index, str(tmp / INDEX_FILE))
-            (tmp / NAMES_FILE).write_text(json.dumps(self.names, ensure_ascii=False), encoding="utf-8")
+            # ASCII escapes: a file name that is not UTF-8 (a surrogate-escaped byte) survives the round trip
+            (tmp / NAMES_FILE).write_text(json.dumps(self.names), encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
+
+    @staticmethod
+    def is_index(directory: str | Path) -> bool:
+        """Whether `directory` holds an index written by `save` (so a new one may replace it)."""
+        return all((Path(directory) / f).is_file() for f in (INDEX_FILE, NAMES_FILE, META_FILE))
 
     @classmethod
     def load(cls, directory: str | Path) -> AudioIndex:
@@ -111,26 +117,42 @@ def _embed_shard_audio(model, shard_dirs: Sequence[str], batch_size: int, max_du
     """(embeddings [N, E], names) of every clip in the shard directories, read with the training reader."""
     import torch
 
-    from relret.data import DataConfig, ValStream, make_loader
-    from relret.evaluate import _open_shards
+    from relret.data import ValStream, eval_data_config, make_loader, open_eval_shards
 
-    sets = _open_shards(shard_dirs)
-    cfg = DataConfig(
-        sbert_dim=sets[0].manifest.sbert_dim,
-        val_crop_s=max_duration_s,
-        val_batch_size=batch_size,
-        num_workers=1,
-        prefetch_factor=2,
-    )
+    sets = open_eval_shards(shard_dirs)
+    cfg = eval_data_config(sets, max_duration_s, batch_size, num_workers=1)
     embeddings, names = [], []
-    with torch.no_grad():
-        for batch in make_loader(ValStream(sets, cfg, 0, 1), cfg):
+    with torch.no_grad(), make_loader(ValStream(sets, cfg, 0, 1), cfg) as loader:
+        for batch in loader:
             emb = model.model.encode_audio(
-                batch["audio"].to(model.device), batch["audio_len"].to(model.device), normalize=True
+                batch.audio.to(model.device), batch.audio_len.to(model.device), normalize=True
             )
             embeddings.append(emb.float().cpu().numpy())
-            names.extend(batch["source_files"])
+            names.extend(batch.source_files)
     return np.concatenate(embeddings), names
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def model_fingerprint(model) -> str:
+    """The sha256 of a RetrievalModel's weights (an export records it; otherwise it is computed)."""
+    from relret import packaging
+
+    if packaging.is_export(model.source):
+        recorded = packaging.read_export_marker(model.source).get("weights_sha256")
+        if recorded:
+            return recorded
+    return model.weights_sha256()
 
 
 def main_index(argv: Sequence[str] | None = None) -> int:
@@ -139,6 +161,7 @@ def main_index(argv: Sequence[str] | None = None) -> int:
     import sys
 
     from relret.retrieval import RetrievalModel
+    from relret.run_dir import check_output_dir
 
     parser = argparse.ArgumentParser(prog="python -m relret index", description=main_index.__doc__)
     parser.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
@@ -146,11 +169,13 @@ def main_index(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--shards", nargs="+", help="shard directories whose clips to index")
     source.add_argument("--audio-dir", help="a folder of audio files (any format libsndfile reads) to index")
     parser.add_argument("--pattern", default="*.wav", help="file glob under --audio-dir (recursive with **/)")
-    parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument("--out", required=True, help="index directory to write (new, empty, or an earlier index)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty directory")
     parser.add_argument("--max-duration-s", type=float, default=30.0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
     args = parser.parse_args(argv)
     try:
+        check_output_dir(args.out, AudioIndex.is_index(args.out), "index", args.overwrite)
         model = RetrievalModel.load(args.model)
         if args.shards:
             emb, names = _embed_shard_audio(model, args.shards, args.batch_size, args.max_duration_s)
@@ -160,11 +185,15 @@ def main_index(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"no file matches {args.pattern} under {args.audio_dir}")
             emb = model.encode_audio_files(files, args.max_duration_s, args.batch_size)
             names = [str(p.relative_to(args.audio_dir)) for p in files]
+        meta = {
+            "model": str(Path(args.model).resolve()),
+            "model_sha256": model_fingerprint(model),
+            "source": args.shards or args.audio_dir,
+        }
+        AudioIndex.build(emb, names, meta).save(args.out)
     except (ValueError, FileNotFoundError) as exc:
         print(f"index: {exc}", file=sys.stderr)
         return 2
-    meta = {"model": str(Path(args.model).resolve()), "source": args.shards or args.audio_dir}
-    AudioIndex.build(emb, names, meta).save(args.out)
     print(f"indexed {len(names)} clips into {args.out} (dimension {emb.shape[1]})")
     return 0
 
@@ -176,17 +205,41 @@ def main_search(argv: Sequence[str] | None = None) -> int:
 
     from relret.retrieval import RetrievalModel
 
+    # A query may hold bytes that are not UTF-8 (a shell's arguments): print them escaped rather than crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = argparse.ArgumentParser(prog="python -m relret search", description=main_search.__doc__)
     parser.add_argument("queries", nargs="+", help="one or more text queries")
     parser.add_argument("--index", required=True, help="index directory written by `python -m relret index`")
     parser.add_argument(
         "--model", default=None, help="model to embed the queries (default: the one that built the index)"
     )
-    parser.add_argument("-k", type=int, default=10, help="results per query")
+    parser.add_argument("-k", type=_positive_int, default=10, help="results per query")
+    parser.add_argument(
+        "--allow-other-model", action="store_true", help="search with --model although it did not build the index"
+    )
     args = parser.parse_args(argv)
     try:
+        empty = [i for i, q in enumerate(args.queries, start=1) if not q.strip()]
+        if empty:
+            raise ValueError(f"query {empty[0]} is empty or only whitespace: there is nothing to search for")
         index = AudioIndex.load(args.index).to_gpu_if_available()
         model = RetrievalModel.load(args.model or str(index.meta["model"]))
+        recorded = index.meta.get("model_sha256")
+        if args.model and recorded and not args.allow_other_model and model_fingerprint(model) != recorded:
+            raise ValueError(
+                f"--model {args.model} is not the model that built the index {args.index} (which was "
+                f"{index.meta['model']}): its embeddings are not comparable. Drop --model to use the index's own, "
+                "rebuild the index with this model, or pass --allow-other-model"
+            )
+        for i, (query, n_tokens) in enumerate(zip(args.queries, model.token_counts(args.queries)), start=1):
+            if n_tokens > model.max_tokens:
+                print(
+                    f"search: note: query {i} is cut to its first {model.max_tokens} tokens (of {n_tokens}), as "
+                    f"captions were in training: {query[:60]!r}...",
+                    file=sys.stderr,
+                )
         hits = index.search(model.encode_text(args.queries), args.k)
     except (ValueError, FileNotFoundError) as exc:
         print(f"search: {exc}", file=sys.stderr)

@@ -1,9 +1,15 @@
 """ListNet (Xie et al., eq. 2-4) and the InfoNCE baseline over the global batch.
 
-Both modules follow open_clip's ClipLoss: `get_logits`, `get_targets`, `forward`. Called as
+Every loss is a `GlobalBatchLoss` (open_clip's ClipLoss shape: `get_logits`, `get_targets`, `forward`), registered
+by name with its config section in `relret.config.LOSSES`, and built from a config by `build_loss`. Called as
 
     out = loss_fn(audio_emb [B, E], text_emb [B, E], caption_sbert [B, D], clip_ids [B])
-    out["loss"].backward()
+    out["loss"].backward()          # out = {"loss", **parts}: the training loop logs whatever parts it gets
+
+The base owns what every global-batch loss needs: input checks, normalisation, the gather across ranks, the local
+rows, the gradient scale of the cheap mode, and the soft cross-entropy per direction. A subclass provides the targets
+(`get_targets`), or a whole different objective from the gathered batch (`compute`), and names the per-sample batch
+fields it needs (`inputs`, gathered without gradient and passed to it by name).
 
 Row i of a batch is clip i with one of its captions (caption i). Embeddings are L2-normalised here, so logits are
 cosine similarities over tau. Across ranks, audio and text embeddings are gathered with autograd, Sentence-BERT
@@ -15,7 +21,9 @@ local_loss=True with gather_with_grad=False, which drops the terms through other
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import typing
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -23,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from relret import distributed
-from relret.config import LossConfig, RelevanceConfig
-from relret.relevance import as_tensor, caption_similarity, l2_normalize, relevance_from_similarity
+from relret.config import LOSSES, LossConfig, RelevanceConfig
+from relret.relevance import apply_relevance, as_tensor, caption_similarity, l2_normalize
 
-Direction = Literal["t2a", "a2t", "both"]
-DIRECTIONS: tuple[str, ...] = ("t2a", "a2t", "both")
+Direction = typing.Literal["t2a", "a2t", "both"]
+DIRECTIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(LossConfig)["direction"])
 
 
 def listnet_loss(
@@ -58,16 +66,54 @@ def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x * scale - x.detach() * (scale - 1.0)
 
 
-class _GlobalBatchLoss(nn.Module):
-    """Validation, normalisation, gathering and direction handling shared by the two losses."""
+def target_diagnostics(targets: torch.Tensor, own: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How peaked target distributions are: rows of `targets` [R, N] (each sums to 1), `own` [R] the column of each
+    row's own item (its caption's clip). Returns 0-dim tensors: the mean target mass on the own column, the mean
+    entropy (nats) and the mean of the largest mass on any other column."""
+    p = targets.double()
+    rows = torch.arange(p.shape[0], device=p.device)
+    own_mass = p[rows, own]
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=1)
+    others = p.clone()
+    others[rows, own] = -1.0
+    largest_other = others.amax(dim=1).clamp_min(0.0) if p.shape[1] > 1 else torch.zeros_like(own_mass)
+    return {
+        "target_own_mass": own_mass.mean(),
+        "target_entropy": entropy.mean(),
+        "target_max_other": largest_other.mean(),
+    }
 
-    def __init__(
-        self,
-        direction: Direction,
-        tau: float,
-        local_loss: bool,
-        gather_with_grad: bool,
-    ) -> None:
+
+@dataclasses.dataclass
+class GatheredBatch:
+    """The global batch as one rank's loss sees it. Row i of every tensor is sample i of the global batch (ranks in
+    order); this rank's loss covers `rows` (its own samples with local_loss, else all)."""
+
+    audio: torch.Tensor
+    """[N, E] unit-norm audio embeddings (with gradient where gathered with it)."""
+    text: torch.Tensor
+    """[N, E] unit-norm text embeddings."""
+    inputs: dict[str, torch.Tensor]
+    """The loss's declared per-sample inputs, gathered without gradient: name -> [N, ...]."""
+    rows: slice
+    """This rank's rows of the loss."""
+
+
+class GlobalBatchLoss(nn.Module):
+    """A loss over the global batch gathered from every rank (see the module docstring).
+
+    Subclasses set `inputs` (the batch fields they need besides the embeddings; `clip_ids` is always there) and
+    implement `get_targets` (a soft cross-entropy per direction follows) or override `compute`. `graded_targets`
+    marks losses whose targets are worth watching per step (`report_targets` adds `target_diagnostics` to the output
+    for them)."""
+
+    inputs: tuple[str, ...] = ("caption_sbert", "clip_ids")
+    """Per-sample inputs of `forward`, in its positional order after the two embeddings."""
+    optional_inputs: tuple[str, ...] = ()
+    """Inputs passed only when present (keyword arguments of `forward`)."""
+    graded_targets: bool = False
+
+    def __init__(self, direction: Direction, tau: float, local_loss: bool, gather_with_grad: bool) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
@@ -77,41 +123,59 @@ class _GlobalBatchLoss(nn.Module):
         self.tau = tau
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.report_targets = False
+
+    def batch_inputs(self, batch) -> dict[str, torch.Tensor]:
+        """The fields of `batch` (a relret.data.Batch) this loss takes, by name."""
+        names = (*self.inputs, *self.needed_optional_inputs())
+        return {name: getattr(batch, name) for name in names}
+
+    def needed_optional_inputs(self) -> tuple[str, ...]:
+        """Which optional inputs this configuration uses (all by default)."""
+        return self.optional_inputs
 
     # -- inputs ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check(audio_emb, text_emb, caption_sbert, clip_ids):
+    def _check(self, audio_emb, text_emb, inputs: Mapping[str, torch.Tensor]):
         audio = as_tensor(audio_emb, "audio_emb", 2)
         text = as_tensor(text_emb, "text_emb", 2)
-        sbert = as_tensor(caption_sbert, "caption_sbert", 2)
-        ids = torch.as_tensor(clip_ids)
         if audio.shape != text.shape:
             raise ValueError(
                 f"audio_emb {tuple(audio.shape)} and text_emb {tuple(text.shape)} must have the same shape"
             )
-        if sbert.shape[0] != audio.shape[0]:
-            raise ValueError(f"caption_sbert has {sbert.shape[0]} rows but the batch has {audio.shape[0]}")
-        if ids.shape != (audio.shape[0],) or ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"clip_ids must be [B]={audio.shape[0]} integers, got {ids.dtype} {tuple(ids.shape)}")
-        return audio, text, sbert.to(audio.device), ids.to(audio.device)
+        checked = {}
+        for name, value in inputs.items():
+            if value is None:
+                continue
+            if name == "clip_ids":
+                ids = torch.as_tensor(value)
+                if ids.shape != (audio.shape[0],) or ids.is_floating_point() or ids.dtype == torch.bool:
+                    raise ValueError(
+                        f"clip_ids must be [B]={audio.shape[0]} integers, got {ids.dtype} {tuple(ids.shape)}"
+                    )
+                checked[name] = ids.to(audio.device)
+                continue
+            t = torch.as_tensor(value)
+            if t.dtype != torch.bool:
+                t = as_tensor(t, name, (1, 2, 3))
+            if t.shape[0] != audio.shape[0]:
+                raise ValueError(f"{name} has {t.shape[0]} rows but the batch has {audio.shape[0]}")
+            checked[name] = t.to(audio.device)
+        return audio, text, checked
 
-    def _gather(self, audio, text, sbert, ids):
+    def _gather(self, audio, text, inputs) -> GatheredBatch:
         sizes = distributed.gather_sizes(audio.shape[0], audio.device)
         rank = distributed.get_rank()
         all_audio = distributed.all_gather_cat(audio, self.gather_with_grad, sizes)
         all_text = distributed.all_gather_cat(text, self.gather_with_grad, sizes)
-        all_sbert = distributed.all_gather_cat(sbert, False, sizes)
-        all_ids = distributed.all_gather_cat(ids, False, sizes)
-        if self.local_loss:
-            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        else:
-            rows = slice(0, sum(sizes))
-        return all_audio, all_text, all_sbert, all_ids, rows
+        gathered = {name: distributed.all_gather_cat(t, False, sizes) for name, t in inputs.items()}
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1])) if self.local_loss else slice(0, sum(sizes))
+        return GatheredBatch(all_audio, all_text, gathered, rows)
 
     # -- the ClipLoss-style interface ------------------------------------------------------------------------------
-    def get_logits(self, all_audio: torch.Tensor, all_text: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+    def get_logits(self, batch: GatheredBatch) -> dict[str, torch.Tensor]:
         """Logits per direction: "t2a" [R, N] text rows against all clips, "a2t" [R, N] clip rows against all texts."""
         out = {}
+        rows, all_audio, all_text = batch.rows, batch.audio, batch.text
         full = rows.start == 0 and rows.stop == all_audio.shape[0]
         if self.direction in ("t2a", "both"):
             out["t2a"] = all_text[rows] @ all_audio.T / self.tau
@@ -120,41 +184,63 @@ class _GlobalBatchLoss(nn.Module):
             out["a2t"] = out["t2a"].T if full and "t2a" in out else all_audio[rows] @ all_text.T / self.tau
         return out
 
-    def get_targets(self, directions, all_sbert, all_ids, rows, **extra) -> dict[str, torch.Tensor]:
+    def get_targets(self, directions: tuple[str, ...], batch: GatheredBatch) -> dict[str, torch.Tensor]:
+        """Target distributions per direction, [R, N] rows summing to 1 (computed without gradient)."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        audio_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        caption_sbert: torch.Tensor,
-        clip_ids: torch.Tensor,
-        **extra: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        audio, text, sbert, ids = self._check(audio_emb, text_emb, caption_sbert, clip_ids)
-        audio = l2_normalize(audio, "audio_emb")
-        text = l2_normalize(text, "text_emb")
-        all_audio, all_text, all_sbert, all_ids, rows = self._gather(audio, text, sbert, ids)
-        logits = self.get_logits(all_audio, all_text, rows)
+    def compute(self, batch: GatheredBatch) -> dict[str, torch.Tensor]:
+        """{"loss", **parts} from the gathered batch: the soft cross-entropy of each direction against its targets,
+        averaged over the directions (parts "loss_t2a"/"loss_a2t")."""
+        logits = self.get_logits(batch)
         with torch.no_grad():
-            targets = self.get_targets(tuple(logits), all_sbert, all_ids, rows, **extra)
+            targets = self.get_targets(tuple(logits), batch)
         out = {f"loss_{d}": _soft_cross_entropy(logits[d], targets[d].to(logits[d].dtype)) for d in logits}
         loss = torch.stack(list(out.values())).mean()
+        if self.report_targets:
+            first = next(iter(targets))
+            own = torch.arange(batch.rows.start, batch.rows.stop, device=batch.audio.device)
+            out.update(target_diagnostics(targets[first], own))
+        out["loss"] = loss
+        return out
+
+    def forward(self, audio_emb: torch.Tensor, text_emb: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """audio_emb [B, E], text_emb [B, E], then the declared `inputs` (positionally or by name) and any optional
+        inputs by name -> {"loss", **parts}."""
+        names = (*self.inputs, *self.optional_inputs)
+        if len(args) > len(self.inputs):
+            raise TypeError(
+                f"{type(self).__name__} takes {len(self.inputs)} inputs after the embeddings: {self.inputs}"
+            )
+        given = dict(zip(self.inputs, args))
+        unknown = set(kwargs) - set(names)
+        if unknown or set(given) & set(kwargs):
+            raise TypeError(f"{type(self).__name__} takes the inputs {names}, got {sorted({*given, *kwargs})}")
+        given.update(kwargs)
+        missing = [n for n in self.inputs if n not in given]
+        if missing:
+            raise TypeError(f"{type(self).__name__} needs the inputs {missing}")
+        audio, text, inputs = self._check(audio_emb, text_emb, given)
+        audio = l2_normalize(audio, "audio_emb")
+        text = l2_normalize(text, "text_emb")
+        out = self.compute(self._gather(audio, text, inputs))
         world = distributed.get_world_size()
         if world > 1 and not self.local_loss and not self.gather_with_grad:
             # Every rank computes the whole loss but gradients reach only its own rows; data-parallel averaging then
             # divides by the world size once too often.
-            loss = _scale_grad(loss, float(world))
-        out["loss"] = loss
+            out["loss"] = _scale_grad(out["loss"], float(world))
         return out
 
 
-class ListNetLoss(_GlobalBatchLoss):
+class ListNetLoss(GlobalBatchLoss):
     """ListNet: cross-entropy between softmax(g / omega) and softmax(cos / tau), g from caption similarities.
 
     Optional keyword inputs for the "mean"/"max" relevance aggregates: `clip_sbert` [B, C, D] (every caption of each
     clip) and `caption_mask` [B, C].
     """
+
+    inputs = ("caption_sbert", "clip_ids")
+    optional_inputs = ("clip_sbert", "caption_mask")
+    graded_targets = True
 
     def __init__(
         self,
@@ -171,6 +257,14 @@ class ListNetLoss(_GlobalBatchLoss):
         self.omega = omega
         self.relevance = (relevance or RelevanceConfig()).resolved()
 
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> ListNetLoss:
+        o = cfg.options
+        return cls(cfg.direction, cfg.tau, o.omega, o.relevance, cfg.local_loss, cfg.gather_with_grad)
+
+    def needed_optional_inputs(self) -> tuple[str, ...]:
+        return () if self.relevance.aggregate == "paired" else self.optional_inputs
+
     def _similarity(self, direction, all_sbert, rows, clip_sbert, caption_mask):
         """h [R, N] for one direction (rows are captions for t2a, clips for a2t)."""
         agg = self.relevance.aggregate
@@ -183,27 +277,29 @@ class ListNetLoss(_GlobalBatchLoss):
             return caption_similarity(all_sbert[rows], clip_sbert, agg, caption_mask)
         return caption_similarity(all_sbert, clip_sbert[rows], agg, caption_mask[rows]).T
 
-    def get_targets(self, directions, all_sbert, all_ids, rows, clip_sbert=None, caption_mask=None):
-        all_sbert = l2_normalize(all_sbert, "caption_sbert")
-        if clip_sbert is not None:
-            clip_sbert = distributed.all_gather_cat(as_tensor(clip_sbert, "clip_sbert", 3).to(all_sbert.device), False)
-            mask = torch.ones(clip_sbert.shape[:2], dtype=torch.bool) if caption_mask is None else caption_mask
-            caption_mask = distributed.all_gather_cat(torch.as_tensor(mask).to(all_sbert.device), False)
+    def get_targets(self, directions, batch):
+        rows, all_ids = batch.rows, batch.inputs["clip_ids"]
+        all_sbert = l2_normalize(batch.inputs["caption_sbert"], "caption_sbert")
+        clip_sbert, caption_mask = batch.inputs.get("clip_sbert"), batch.inputs.get("caption_mask")
+        if clip_sbert is not None and caption_mask is None:
+            caption_mask = torch.ones(clip_sbert.shape[:2], dtype=torch.bool, device=clip_sbert.device)
         positives = all_ids[rows, None] == all_ids[None, :] if self.relevance.fn == "binary" else None
         out, cache = {}, {}
         for d in directions:
             key = d if self.relevance.aggregate != "paired" else "paired"
             if key not in cache:
                 h = self._similarity(d, all_sbert, rows, clip_sbert, caption_mask)
-                g = relevance_from_similarity(h, self.relevance.fn, self.relevance.a, self.relevance.b, positives)
+                g = apply_relevance(h, self.relevance, positives)
                 cache[key] = torch.softmax(g.div_(self.omega), dim=1)  # g is a temporary: divide in place
             out[d] = cache[key]
         return out
 
 
-class InfoNCELoss(_GlobalBatchLoss):
+class InfoNCELoss(GlobalBatchLoss):
     """InfoNCE (the binary baseline): the target spreads evenly over the row's positives, i.e. the columns with the
     same clip id (captions of one clip are co-positives when a clip occurs twice in the global batch)."""
+
+    inputs = ("caption_sbert", "clip_ids")
 
     def __init__(
         self,
@@ -214,16 +310,18 @@ class InfoNCELoss(_GlobalBatchLoss):
     ) -> None:
         super().__init__(direction, tau, local_loss, gather_with_grad)
 
-    def get_targets(self, directions, all_sbert, all_ids, rows, **extra):
-        positives = (all_ids[rows, None] == all_ids[None, :]).float()
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> InfoNCELoss:
+        return cls(cfg.direction, cfg.tau, cfg.local_loss, cfg.gather_with_grad)
+
+    def get_targets(self, directions, batch):
+        all_ids = batch.inputs["clip_ids"]
+        positives = (all_ids[batch.rows, None] == all_ids[None, :]).float()
         target = positives / positives.sum(dim=1, keepdim=True)
         return {d: target for d in directions}
 
 
-def build_loss(cfg: LossConfig) -> _GlobalBatchLoss:
-    """The loss module a `LossConfig` describes."""
-    if cfg.name == "listnet":
-        return ListNetLoss(cfg.direction, cfg.tau, cfg.omega, cfg.relevance, cfg.local_loss, cfg.gather_with_grad)
-    if cfg.name == "infonce":
-        return InfoNCELoss(cfg.direction, cfg.tau, cfg.local_loss, cfg.gather_with_grad)
-    raise ValueError(f"unknown loss {cfg.name!r}; expected listnet or infonce")
+def build_loss(cfg: LossConfig) -> GlobalBatchLoss:
+    """The registered loss `cfg.name`, built from its config (`from_config(cfg)`, the loss's own section being
+    `cfg.options`)."""
+    return LOSSES.get(cfg.name).from_config(cfg)

@@ -4,22 +4,25 @@ The relevance of clip y_j to caption x_i is g = f(h), h the cosine similarity be
 x_i and of the caption annotated for y_j. The paper's f is the logistic 1/(1+exp(a - b h)) with a = 2.73, b = 4.58,
 fitted by beta regression to crowdsourced ratings (refit for another Sentence-BERT model with `relret calibrate`).
 
+The relevance functions f are registered by name in `relret.config.RELEVANCE_FNS` (the one list of their names);
+each takes (h [Q, N], RelevanceConfig, positives [Q, N] or None) and returns g [Q, N].
+
 Shapes: Q queries (captions), N clips, D the Sentence-BERT dimension, C captions per clip.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import numpy as np
 import torch
 
-RelevanceFn = Literal["logistic", "minmax", "binary"]
-Aggregate = Literal["paired", "mean", "max"]
-RELEVANCE_FNS: tuple[str, ...] = ("logistic", "minmax", "binary")
-AGGREGATES: tuple[str, ...] = ("paired", "mean", "max")
-PAPER_A = 2.73
-PAPER_B = 4.58
+from relret.config import RELEVANCE_FNS, RelevanceConfig
+
+Aggregate = typing.Literal["paired", "mean", "max"]
+AGGREGATES: tuple[str, ...] = typing.get_args(typing.get_type_hints(RelevanceConfig)["aggregate"])
+PAPER_A = RelevanceConfig.a
+PAPER_B = RelevanceConfig.b
 
 
 def as_tensor(x: torch.Tensor | np.ndarray, name: str, ndim: int | tuple[int, ...]) -> torch.Tensor:
@@ -105,45 +108,67 @@ def caption_similarity(
     return sims.masked_fill(~mask, float("-inf")).amax(-1)
 
 
+def logistic_relevance(h: torch.Tensor, cfg: RelevanceConfig, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's f: 1 / (1 + exp(a - b h))."""
+    return logistic(h, cfg.a, cfg.b)
+
+
+def minmax_relevance(h: torch.Tensor, cfg: RelevanceConfig, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row scaled to [0, 1] by its own min and max; a row with no spread gets zeros (a uniform target)."""
+    lo = h.amin(dim=1, keepdim=True)
+    spread = h.amax(dim=1, keepdim=True) - lo
+    return torch.where(spread > 0, (h - lo) / spread.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+
+def binary_relevance(h: torch.Tensor, cfg: RelevanceConfig, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """1 where `positives` [Q, N] is true (the query's own clip), else 0; every row needs at least one positive."""
+    if positives is None:
+        raise ValueError("fn='binary' needs `positives` [Q, N]: which clips belong to each query's caption")
+    pos = torch.as_tensor(positives, device=h.device).bool()
+    if pos.shape != h.shape:
+        raise ValueError(f"positives must have shape {tuple(h.shape)}, got {tuple(pos.shape)}")
+    empty = ~pos.any(dim=1)
+    if empty.any():
+        raise ValueError(
+            f"relevance row {empty.nonzero()[0].item()} has no relevant clip with fn='binary' (all zeros): "
+            "the query's own clip must be among the candidates"
+        )
+    return pos.to(h.dtype)
+
+
 def relevance_from_similarity(
     h: torch.Tensor,
-    fn: RelevanceFn = "logistic",
+    fn: str = "logistic",
     a: float = PAPER_A,
     b: float = PAPER_B,
     positives: torch.Tensor | np.ndarray | None = None,
 ) -> torch.Tensor:
-    """g [Q, N] from h [Q, N]; each row is one query's ranked list.
+    """g [Q, N] from h [Q, N] by the registered relevance function `fn`; each row is one query's ranked list.
 
     logistic: f(h) as in the paper. minmax: each row scaled to [0, 1] by its own min and max (a row with no spread
     gets zeros, i.e. a uniform target). binary: 1 where `positives` [Q, N] is true (the query's own clip), else 0;
     every row needs at least one positive.
     """
-    if fn == "logistic":
-        return logistic(h, a, b)
-    if fn == "minmax":
-        lo = h.amin(dim=1, keepdim=True)
-        spread = h.amax(dim=1, keepdim=True) - lo
-        return torch.where(spread > 0, (h - lo) / spread.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
-    if fn == "binary":
-        if positives is None:
-            raise ValueError("fn='binary' needs `positives` [Q, N]: which clips belong to each query's caption")
-        pos = torch.as_tensor(positives, device=h.device).bool()
-        if pos.shape != h.shape:
-            raise ValueError(f"positives must have shape {tuple(h.shape)}, got {tuple(pos.shape)}")
-        empty = ~pos.any(dim=1)
-        if empty.any():
-            raise ValueError(
-                f"relevance row {empty.nonzero()[0].item()} has no relevant clip with fn='binary' (all zeros): "
-                "the query's own clip must be among the candidates"
-            )
-        return pos.to(h.dtype)
-    raise ValueError(f"unknown relevance fn {fn!r}; expected one of {', '.join(RELEVANCE_FNS)}")
+    _check_fn(fn)
+    return apply_relevance(h, RelevanceConfig(fn=fn, a=a, b=b), positives)
+
+
+def _check_fn(fn: str) -> None:
+    if fn not in RELEVANCE_FNS:
+        raise ValueError(f"unknown relevance fn {fn!r}; expected one of {', '.join(RELEVANCE_FNS.names())}")
+
+
+def apply_relevance(
+    h: torch.Tensor, cfg: RelevanceConfig, positives: torch.Tensor | np.ndarray | None = None
+) -> torch.Tensor:
+    """g [Q, N] = cfg.fn(h) with the function's options from `cfg` (a resolved RelevanceConfig)."""
+    return RELEVANCE_FNS.get(cfg.fn)(h, cfg, positives)
 
 
 def relevance_matrix(
     query_sbert: torch.Tensor | np.ndarray,
     clip_sbert: torch.Tensor | np.ndarray,
-    fn: RelevanceFn = "logistic",
+    fn: str = "logistic",
     *,
     a: float = PAPER_A,
     b: float = PAPER_B,
@@ -157,7 +182,6 @@ def relevance_matrix(
     `query_sbert` [Q, D]; `clip_sbert` [N, D] (paired caption) or [N, C, D] with `caption_mask` [N, C] (see
     `caption_similarity`). `positives` [Q, N] (bool) is required by fn="binary" only.
     """
-    if fn not in RELEVANCE_FNS:
-        raise ValueError(f"unknown relevance fn {fn!r}; expected one of {', '.join(RELEVANCE_FNS)}")
+    _check_fn(fn)
     h = caption_similarity(query_sbert, clip_sbert, aggregate, caption_mask, paired_index)
     return relevance_from_similarity(h, fn, a, b, positives)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from relret.config import RETRIEVAL_DIRECTIONS as DIRECTIONS
+from relret.config import SELECTION_METRICS
 from relret.metrics import per_query_metrics_from_embeddings, summarize
 
-DIRECTIONS = ("t2a", "a2t")
 DIRECTION_TITLES = {"t2a": "Text-to-audio", "a2t": "Audio-to-text"}
-TABLE_METRICS = {"t2a": ("mAP@10", "R@1", "R@5", "R@10"), "a2t": ("mAP@10", "R@1", "R@5", "R@10", "hit@1", "hit@10")}
+TABLE_METRICS = {"t2a": SELECTION_METRICS, "a2t": (*SELECTION_METRICS, "hit@1", "hit@10")}
 
 
 @dataclasses.dataclass

@@ -5,13 +5,13 @@
     audio = model.encode_audio_files(["clip.wav"])                 # [1, E]
     scores = text @ audio.T                                        # cosine similarities
 
-An export directory holds `model.safetensors` (float32 weights), `config.yaml` (the model section of the training
-config), `text_encoder/` (the text model's config and tokenizer) and `relret_model.json` (format marker and origin).
+An export directory (relret.packaging) holds `model.safetensors` (float32 weights), `config.yaml` (the model section of
+the training config), `text_encoder/` (the text model's config and tokenizer) and `relret_model.json` (format marker,
+origin and the weights' sha256).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,34 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from relret.shard_format import SAMPLE_RATE_HZ
-from relret.storage import atomic_local_dir
-
-MARKER_FILE = "relret_model.json"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TEXT_DIR = "text_encoder"
-FORMAT = "relret-retrieval-model"
-FORMAT_VERSION = 1
-
-
-def _build(model_cfg, text_dir: Path, weights: Path, device: str | torch.device):
-    """A DualEncoder from a model config, a saved text model folder and safetensors weights (strict)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
-
-    from relret.models import build_model
-    from relret.models.text import load_tokenizer
-
-    text_model = AutoModel.from_config(AutoConfig.from_pretrained(str(text_dir)), add_pooling_layer=False)
-    model = build_model(
-        model_cfg, text_model=text_model, tokenizer=load_tokenizer(str(text_dir)), load_audio_weights=False
-    )
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval()
+from relret import packaging
+from relret.run_dir import atomic_output_dir, check_output_dir
 
 
 class RetrievalModel:
@@ -69,33 +43,15 @@ class RetrievalModel:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
         """Load an export directory (no training code, no DeepSpeed)."""
-        import yaml
-
-        from relret.config import from_dict
-        from relret.models import ModelConfig
-
-        directory = Path(directory)
-        marker = directory / MARKER_FILE
-        if not marker.is_file():
-            raise ValueError(
-                f"{directory} is not an exported relret model (no {MARKER_FILE}); write one with "
-                "`python -m relret export --checkpoint RUN_OR_CHECKPOINT --out DIR`"
-            )
-        meta = json.loads(marker.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{marker}: format {meta.get('format')!r} v{meta.get('format_version')}, expected {FORMAT} v{FORMAT_VERSION}"
-            )
-        cfg = from_dict(
-            ModelConfig, yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8"))["model"], "model"
-        )
+        packaging.read_export_marker(directory)
+        model_cfg, _ = packaging.read_model_config(directory)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(_build(cfg, directory / TEXT_DIR, directory / MODEL_FILE, device), cfg, str(directory))
+        return cls(packaging.build_from_directory(directory, model_cfg, device), model_cfg, str(directory))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> RetrievalModel:
         """An export directory, a training run directory (best, else latest checkpoint) or a checkpoint directory."""
-        if (Path(path) / MARKER_FILE).is_file():
+        if packaging.is_export(path):
             return cls.from_pretrained(path, device)
         from relret.checkpoint import load_model, resolve_checkpoint
 
@@ -103,28 +59,35 @@ class RetrievalModel:
         model, cfg = load_model(path, device)
         return cls(model, cfg.model, str(resolve_checkpoint(path)))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write an export directory (atomically: a temporary directory renamed when complete)."""
-        import yaml
-        from safetensors.torch import save_file
+    def weights_sha256(self) -> str:
+        """sha256 of the model's weights as an export writes them (identifies the model, e.g. in an index)."""
+        import tempfile
 
-        from relret.config import to_dict
+        with tempfile.TemporaryDirectory() as tmp:
+            packaging.save_weights(Path(tmp) / packaging.MODEL_FILE, self.model)
+            return packaging.sha256_file(Path(tmp) / packaging.MODEL_FILE)
 
-        with atomic_local_dir(directory) as tmp:
-            state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
-            save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "relret"})
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump({"model": to_dict(self.model_cfg)}, sort_keys=False))
-            text = self.model.text_encoder
-            text.model.config.save_pretrained(str(tmp / TEXT_DIR))
-            text.tokenizer.save_pretrained(str(tmp / TEXT_DIR))
-            marker = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "source": self.source,
-                "sample_rate": SAMPLE_RATE_HZ,
-                "embed_dim": self.embed_dim,
-            }
-            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write an export directory: refused where something else is (`relret.run_dir.check_output_dir`); an earlier
+        export there is replaced file by file, other files are left alone."""
+        check_output_dir(directory, packaging.is_export(directory), "model export", overwrite)
+        with atomic_output_dir(directory) as tmp:
+            packaging.write_export(tmp, self.model, self.model_cfg, self.source)
+
+    @property
+    def max_tokens(self) -> int:
+        """Captions (and queries) are cut to this many tokens, as in training."""
+        return int(self.model_cfg.text.max_tokens)
+
+    def token_counts(self, captions: Sequence[str]) -> list[int]:
+        """Tokens of each caption as the text encoder sees it (normalised, special tokens included), before the cut
+        to `max_tokens`."""
+        from relret.models.text import normalise_caption
+
+        cfg, tokenizer = self.model_cfg.text, self.model.text_encoder.tokenizer
+        texts = [normalise_caption(c, cfg.lowercase, cfg.strip_punctuation) for c in captions]
+        # verbose=False: counting a long query's tokens is no "sequence too long" mistake worth transformers' warning
+        return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
 
     # -- encoding ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -180,13 +143,15 @@ def main_export(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m relret export", description=main_export.__doc__)
     parser.add_argument("--model", required=True, help="run directory (best, else latest checkpoint) or checkpoint")
-    parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty directory")
     args = parser.parse_args(argv)
     try:
+        check_output_dir(args.out, packaging.is_export(args.out), "model export", args.overwrite)
         model = RetrievalModel.load(args.model, device="cpu")
+        model.save_pretrained(args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
-    model.save_pretrained(args.out)
     print(f"exported {model.source} to {args.out}; load it with relret.RetrievalModel.from_pretrained({args.out!r})")
     return 0

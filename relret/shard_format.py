@@ -132,21 +132,43 @@ class Sample:
     """float16 [n_captions, D]."""
 
 
-def decode_sample(raw: dict[str, Any]) -> Sample:
-    """A raw WebDataset sample (member name -> bytes) -> `Sample`. Raises ValueError naming the key when a member is
-    missing or inconsistent."""
+@dataclasses.dataclass
+class EncodedSample:
+    """One sample with its audio still FLAC bytes (decode the part you need with relret.flac_crop)."""
+
+    key: str
+    flac: bytes
+    frames: int
+    """Frames of the clip, from the FLAC header."""
+    meta: SampleMeta
+    sbert: np.ndarray
+    """float16 [n_captions, D]."""
+
+
+def decode_sample_encoded(raw: dict[str, Any]) -> EncodedSample:
+    """A raw WebDataset sample (member name -> bytes) -> `EncodedSample`, reading only the FLAC header. Raises
+    ValueError naming the key when a member is missing or inconsistent."""
+    from relret.flac_crop import flac_info
+
     key = raw.get("__key__", "?")
     missing = [m for m in MEMBERS if m not in raw]
     if missing:
         raise ValueError(f"sample {key} lacks member(s) {', '.join(missing)}")
     meta = SampleMeta(**json.loads(raw[META_EXT]))
-    audio, sr = decode_flac(raw[AUDIO_EXT])
-    if sr != meta.sample_rate:
-        raise ValueError(f"sample {key}: FLAC is {sr} Hz but its json says {meta.sample_rate} Hz")
+    info = flac_info(raw[AUDIO_EXT])
+    if info.sample_rate_hz != meta.sample_rate:
+        raise ValueError(f"sample {key}: FLAC is {info.sample_rate_hz} Hz but its json says {meta.sample_rate} Hz")
     sbert = decode_npy(raw[SBERT_EXT])
     if sbert.ndim != 2 or sbert.shape[0] != len(meta.captions):
         raise ValueError(f"sample {key}: sbert.npy is {sbert.shape} for {len(meta.captions)} captions")
-    return Sample(key, audio, meta, sbert)
+    return EncodedSample(key, raw[AUDIO_EXT], info.frames, meta, sbert)
+
+
+def decode_sample(raw: dict[str, Any]) -> Sample:
+    """A raw WebDataset sample (member name -> bytes) -> `Sample` with the whole clip decoded. Raises ValueError
+    naming the key when a member is missing or inconsistent."""
+    sample = decode_sample_encoded(raw)
+    return Sample(sample.key, decode_flac(sample.flac)[0], sample.meta, sample.sbert)
 
 
 @dataclasses.dataclass

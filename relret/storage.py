@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from relret.run_dir import atomic_file
+
 
 def is_s3(url: str | os.PathLike) -> bool:
     return str(url).startswith("s3://")
@@ -132,50 +134,21 @@ def remove(url: str | os.PathLike) -> None:
 def atomic_local_file(url: str | os.PathLike, staging_dir: str | None = None) -> Iterator[str]:
     """Yield a temporary local path; on success its content appears at `url` in one step, on error nowhere.
 
-    Local targets: the temporary file sits beside the target (same file system) and is renamed with os.replace.
-    S3 targets: it sits in `staging_dir` (default: the system temp dir) and is uploaded once complete.
+    Local targets: `relret.run_dir.atomic_file` (a temporary file beside the target, renamed). S3 targets: the
+    temporary file sits in `staging_dir` (default: the system temp dir) and is uploaded once complete.
     """
-    if is_s3(url):
-        fd, tmp = tempfile.mkstemp(prefix=".relret-", suffix=".part", dir=staging_dir)
-    else:
-        target = Path(url)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    if not is_s3(url):
+        with atomic_file(url) as tmp:
+            yield tmp
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".relret-", suffix=".part", dir=staging_dir)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp
-        if is_s3(url):
-            upload_file(tmp, url)
-        else:
-            os.replace(tmp, url)
+        upload_file(tmp, url)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-@contextmanager
-def atomic_local_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; on success it replaces `target` (an older one is removed first),
-    on error it is deleted, so `target` never holds a half-written set of files."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _webdataset_s3_opener(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs) -> IO[bytes]:

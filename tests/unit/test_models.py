@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from relret.config import ConfigError
-from relret.models import AudioEncoderConfig, ModelConfig, PaSSTEncoder, TextEncoderConfig, build_model
+from relret.config import AudioEncoderConfig, ConfigError, ModelConfig, TextEncoderConfig
+from relret.models import PaSSTEncoder, build_model
 from relret.models.text import normalise_caption
 
 SR = 32_000

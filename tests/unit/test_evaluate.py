@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from kit.shards import read_samples_with_tarfile, write_shard_dir
 from scipy import stats
-from shardkit import read_samples_with_tarfile, write_shard_dir
 
 from relret import checkpoint as ckpt
 from relret import shard_format
@@ -23,7 +23,7 @@ from relret.results import EvalResult
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CROP_S = 4.0
 
 

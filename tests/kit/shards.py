@@ -124,7 +124,7 @@ def write_shard_dir(
         sbert_dim=sbert_dim,
         shards=shards,
         skipped=[],
-        config={"writer": "tests/shardkit.py"},
+        config={"writer": "tests/kit/shards.py"},
     )
     (out / shard_format.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return records
@@ -153,7 +153,7 @@ def truncate_shard(path: Path, keep_fraction: float = 0.5) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python tests/shardkit.py ROOT`: a synthetic corpus at ROOT/synth/{train,val} for configs/tiny_cpu.yaml."""
+    """`python tests/kit/shards.py ROOT`: a synthetic corpus at ROOT/synth/{train,val} for configs/tiny_cpu.yaml."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

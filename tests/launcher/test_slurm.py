@@ -19,8 +19,8 @@ import pytest
 
 from launcher import slurm
 
-REPO = Path(__file__).resolve().parents[1]
-PROBE = REPO / "tests" / "slurm_probe.py"
+REPO = Path(__file__).resolve().parents[2]
+PROBE = REPO / "tests" / "kit" / "slurm_probe.py"
 
 pytestmark = pytest.mark.slurm
 
@@ -337,7 +337,7 @@ def test_cancel_stops_every_queued_and_running_stage(slurm_cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end with the real training (relret/train.py and its tiny CPU config, from the training issue)
 
-SHARDKIT = REPO / "tests" / "shardkit.py"
+SHARDKIT = REPO / "tests" / "kit" / "shards.py"
 TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 CHECKPOINT_EVERY = 5
 

@@ -11,24 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shardkit import write_shard_dir
+from kit.shards import write_shard_dir
 
 from relret import checkpoint as ckpt
-from relret.config import ConfigError, load_config, to_dict
-from relret.train import (
-    EXIT_BAD_CONFIG,
-    TrainConfig,
-    WarmupCosine,
-    config_differences,
-    deepspeed_config,
-    lr_at,
-    main,
-    make_plan,
-    rng_state,
-    set_rng_state,
-)
+from relret.checkpoint import rng_state, set_rng_state
+from relret.config import ConfigError, TrainConfig, config_differences, load_config, to_dict
+from relret.run_dir import EXIT_BAD_CONFIG, write_status
+from relret.schedule import WarmupCosine, lr_at
+from relret.train import main
+from relret.trainer import deepspeed_config, make_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 
@@ -188,13 +181,19 @@ def test_pointers_pruning_and_resolution(tmp_path):
 
 
 def test_status_json_contract(tmp_path):
-    """status.json has exactly the contract's fields (plus an optional message) and refuses unknown states."""
-    ckpt.write_status(tmp_path, "interrupted", 12, 1, 100, "step-00000012", "/x/ckpt")
+    """status.json has exactly the contract's fields (relret.run_dir.Status: the training's fields, a command's exit
+    code, and the writer's host, PID, SLURM job and heartbeat so that a dead run cannot look alive) and refuses
+    unknown states."""
+    fields = {"step": 12, "epoch": 1, "total_steps": 100, "checkpoint": "step-00000012", "init_from": "/x/ckpt"}
+    write_status(tmp_path, "interrupted", **fields)
     status = json.loads((tmp_path / "status.json").read_text())
-    assert set(status) == {"state", "step", "epoch", "total_steps", "checkpoint", "init_from", "updated"}
+    assert set(status) == {
+        "state", "kind", "step", "epoch", "total_steps", "checkpoint", "init_from", "exit_code", "message",
+        "host", "pid", "job_id", "restarts", "updated", "heartbeat",
+    }  # fmt: skip
     assert (status["state"], status["step"], status["checkpoint"]) == ("interrupted", 12, "step-00000012")
     with pytest.raises(ValueError, match="unknown run state 'paused'"):
-        ckpt.write_status(tmp_path, "paused", 0, 0, 0, None, None)
+        write_status(tmp_path, "paused", **fields)
 
 
 def test_checkpoint_without_latest_pointer_is_found(tmp_path, capsys):

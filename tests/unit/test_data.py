@@ -9,13 +9,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from shardkit import read_shard_with_tarfile, truncate_shard, write_shard_dir
+from kit.shards import read_shard_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import shard_format, storage
-from relret.config import ConfigError
+from relret.config import ConfigError, DataConfig, ShardSource
 from relret.data import (
-    DataConfig,
-    ShardSource,
     StreamPosition,
     TrainStream,
     ValStream,

@@ -12,8 +12,9 @@ import pytest
 from launcher import pipeline, slurm, status
 from launcher.config import REPO, PipelineConfig, Resources, StageConfig, load_pipeline
 from relret.config import ConfigError
+from relret.run_dir import Status
 
-PROBE = REPO / "tests" / "slurm_probe.py"
+PROBE = REPO / "tests" / "kit" / "slurm_probe.py"
 
 
 def chain(**stages: StageConfig) -> PipelineConfig:
@@ -196,12 +197,12 @@ def test_scontrol_and_jobcomp_lines_are_parsed():
 @pytest.mark.parametrize(
     "enabled, job, run, expected",
     [
-        (True, slurm.JobInfo("1", "FAILED", exit_code="1:0"), {"state": "completed"}, "completed"),
-        (True, slurm.JobInfo("1", "RUNNING"), {"state": "running"}, "running"),
+        (True, slurm.JobInfo("1", "FAILED", exit_code="1:0"), Status("completed"), "completed"),
+        (True, slurm.JobInfo("1", "RUNNING"), Status("running"), "running"),
         (True, slurm.JobInfo("1", "PENDING", reason="Dependency"), None, "pending"),
         (True, slurm.JobInfo("1", "CANCELLED", reason="DependencyNeverSatisfied"), None, "cancelled"),
-        (True, slurm.JobInfo("1", "FAILED", exit_code="75:0"), {"state": "interrupted"}, "interrupted"),
-        (True, slurm.JobInfo("1", "TIMEOUT", exit_code="0:15"), {"state": "running"}, "failed"),
+        (True, slurm.JobInfo("1", "FAILED", exit_code="75:0"), Status("interrupted"), "interrupted"),
+        (True, slurm.JobInfo("1", "TIMEOUT", exit_code="0:15"), Status("running"), "failed"),
         (True, None, None, "not submitted"),
         (False, None, None, "disabled"),
     ],
@@ -212,10 +213,11 @@ def test_status_word_combines_slurm_and_the_run_directory(enabled, job, run, exp
 
 
 def test_launcher_does_not_import_training_internals():
-    """`python -m launcher` loads relret.config's machinery only: no model, data, loss or DeepSpeed module."""
+    """`python -m launcher` loads relret's config home (relret.config and its registry) and the run-directory contract
+    (relret.run_dir) only: no model, data, loss or DeepSpeed module."""
     code = "import sys, launcher.__main__; print(' '.join(sorted(m for m in sys.modules if m.startswith(('relret', 'deepspeed')))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["relret", "relret.compat", "relret.config"]
+    assert out == ["relret", "relret.compat", "relret.config", "relret.registry", "relret.run_dir"]
 
 
 def test_status_without_a_pipeline_names_the_problem(tmp_path):
@@ -276,3 +278,19 @@ def test_local_mode_runs_the_stages_in_order_on_two_deepspeed_ranks(tmp_path, mo
     assert failing.returncode == 5
     assert "[pretrain] failed with exit code 5; the stages after it were not run" in failing.stdout
     assert not (tmp_path / "runs2" / "finetune").exists()
+
+
+def test_dry_run_refuses_a_typo_in_one_stages_override_naming_stage_and_key(tmp_path):
+    """A typo in one training stage's override fails `launcher pipeline --dry-run` before anything is submitted,
+    naming the stage and the key; the same pipeline without the typo passes the check."""
+    typo = "stages.finetune_clotho.overrides=[train.epochz=3]"
+    cmd = [sys.executable, "-m", "launcher", "pipeline", "--config", "configs/pipeline.yaml", "--dry-run"]
+    cmd += [f"run_root={tmp_path / 'runs'}"]
+    bad = subprocess.run([*cmd, typo], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2, bad.stderr
+    assert "stages.finetune_clotho: its training config does not load" in bad.stderr
+    assert "unknown key train.epochz" in bad.stderr
+    assert "sbatch" not in bad.stdout and not (tmp_path / "runs").exists()
+    good = subprocess.run([*cmd, "stages.finetune_clotho.overrides=[train.epochs=3]"], capture_output=True,
+                          text=True, cwd=REPO)  # fmt: skip
+    assert "stages.finetune_clotho" not in good.stderr, good.stderr

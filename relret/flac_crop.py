@@ -1,0 +1,88 @@
+"""Decoding only a window of a FLAC clip, and drawing that window the way `relret.data.random_crop` draws it.
+
+Training crops clips of up to 30 s (WavCaps: often minutes stored) and validation keeps the first `val_crop_s`
+seconds, yet decoding the whole clip then slicing pays for every sample. Here the window is read straight from the
+FLAC bytes: the frame count comes from the STREAMINFO header (no decoding), libsndfile seeks to the window's first
+frame and decodes only as far as its end. The result is sample-for-sample what `shard_format.decode_flac` gives
+sliced (tests/unit/test_flac_crop.py checks windows at the start, at the end, across FLAC frame boundaries and past the
+end), and `crop_window` makes the same random draw as `random_crop`, so a seed gives the same crops either way.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import NamedTuple
+
+import numpy as np
+
+_STREAMINFO_TYPE = 0
+_STREAMINFO_BYTES = 34
+
+
+class FlacInfo(NamedTuple):
+    """What a FLAC stream's STREAMINFO block says about it."""
+
+    frames: int
+    """Samples per channel."""
+    sample_rate_hz: int
+    channels: int
+
+
+def flac_info(data: bytes) -> FlacInfo:
+    """Frame count, sample rate and channels from the STREAMINFO header of FLAC bytes, without decoding audio.
+
+    Raises ValueError when `data` does not start with a FLAC STREAMINFO block or the header leaves the length out
+    (a streamed encoder may; `shard_format.encode_flac` always records it)."""
+    # The FLAC format: "fLaC", then a 4-byte metadata block header (last-block flag and 7-bit type, 24-bit length),
+    # and STREAMINFO must be the first block. Its bytes 10-17 pack sample rate (20 bits), channels - 1 (3),
+    # bits per sample - 1 (5) and total samples per channel (36; 0 means unknown).
+    if len(data) < 8 + _STREAMINFO_BYTES or data[:4] != b"fLaC":
+        raise ValueError(f"not FLAC data (starts with {bytes(data[:4])!r}, {len(data)} bytes)")
+    block_type, block_len = data[4] & 0x7F, int.from_bytes(data[5:8], "big")
+    if block_type != _STREAMINFO_TYPE or block_len != _STREAMINFO_BYTES:
+        raise ValueError(f"FLAC data without a STREAMINFO block first (block type {block_type}, {block_len} bytes)")
+    packed = int.from_bytes(data[8 + 10 : 8 + 18], "big")
+    frames = packed & ((1 << 36) - 1)
+    if frames == 0:
+        raise ValueError("the FLAC header does not record the stream's length (total samples 0)")
+    return FlacInfo(frames=frames, sample_rate_hz=packed >> 44, channels=((packed >> 41) & 0x7) + 1)
+
+
+def flac_frames(data: bytes) -> int:
+    """Frames (samples per channel) of FLAC bytes, read from the header: no audio is decoded."""
+    return flac_info(data).frames
+
+
+def decode_flac_window(data: bytes, start: int, frames: int) -> np.ndarray:
+    """float32 mono [min(frames, n - start)] (n: the clip's frames; empty when start >= n): frames start ..
+    start + frames - 1 of FLAC bytes, decoding only those (channels averaged). Equal, sample for sample, to
+    `shard_format.decode_flac(data)[0][start : start + frames]`.
+
+    Raises ValueError for a negative start or frame count, and when the stream ends before the header's length
+    (truncated data); libsndfile's own errors (soundfile.LibsndfileError, a RuntimeError) pass through."""
+    import soundfile  # imported on use, like shard_format's codecs, so importing this module stays cheap
+
+    if start < 0 or frames < 0:
+        raise ValueError(f"start and frames must be >= 0, got start={start}, frames={frames}")
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        wanted = max(0, min(frames, f.frames - start))
+        if wanted == 0:
+            return np.zeros(0, dtype=np.float32)
+        if start:
+            f.seek(start)
+        audio = f.read(wanted, dtype="float32", always_2d=False)
+    if len(audio) != wanted:
+        raise ValueError(f"FLAC data is truncated: decoded {len(audio)} of frames {start}..{start + wanted - 1}")
+    if audio.ndim != 1:
+        audio = audio.mean(axis=1)  # the same reduction as decode_flac, so stereo windows match too
+    return audio
+
+
+def crop_window(n_frames: int, max_frames: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(start, length) of a random window of at most `max_frames` in a clip of `n_frames`: the whole clip when it is
+    no longer, with no draw from `rng`; otherwise one `rng.integers(0, n_frames - max_frames + 1)`, exactly the draw
+    `relret.data.random_crop` makes, so the same generator state gives the same window and the same state after."""
+    if n_frames <= max_frames:
+        return 0, n_frames
+    start = int(rng.integers(0, n_frames - max_frames + 1))
+    return start, max_frames

@@ -1,0 +1,209 @@
+"""Window decoding of FLAC clips (relret.flac_crop) against full decoding, and its crop draw against random_crop."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile
+
+from relret import shard_format
+from relret.flac_crop import crop_window, decode_flac_window, flac_frames, flac_info
+
+SR = shard_format.SAMPLE_RATE_HZ
+BLOCK = 4096  # libsndfile's FLAC block size (checked in test_clips_use_the_block_size_the_tests_aim_at)
+
+
+def _signal(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(n) / SR
+    if kind == "noise":
+        return 0.3 * rng.standard_normal(n)
+    if kind == "tone":
+        return 0.5 * np.sin(2 * np.pi * 440.0 * t) + 0.2 * np.sin(2 * np.pi * 3001.0 * t)
+    # Silence, a tone, full-scale clipping and noise one after another: FLAC picks constant, fixed, LPC and verbatim
+    # subframes for them, so seeks land in frames of every kind.
+    out = np.zeros(n)
+    q = n // 4
+    out[q : 2 * q] = 0.8 * np.sin(2 * np.pi * 97.0 * t[q : 2 * q])
+    out[2 * q : 3 * q] = 1.5 * np.sign(np.sin(2 * np.pi * 50.0 * t[2 * q : 3 * q]))
+    out[3 * q :] = rng.uniform(-1, 1, n - 3 * q)
+    return out
+
+
+# (seconds, kind): lengths that are and are not whole numbers of blocks, from shorter than 4 blocks to past 30 s.
+CLIPS = [(0.5, "noise"), (4.1, "tone"), (10.0, "mixed"), (31.0, "noise"), (BLOCK * 5 / SR, "tone"), (1 / SR, "noise")]
+
+
+@pytest.fixture(scope="module", params=CLIPS, ids=[f"{s:.4g}s-{k}" for s, k in CLIPS])
+def clip(request) -> tuple[bytes, np.ndarray]:
+    seconds, kind = request.param
+    n = round(seconds * SR)
+    rng = np.random.default_rng(n)
+    data = shard_format.encode_flac(_signal(kind, n, rng).astype(np.float32))
+    full, sr = shard_format.decode_flac(data)
+    assert sr == SR and len(full) == n
+    return data, full
+
+
+def _windows(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, frames) pairs: the edges, every block boundary crossed closely, and random ones."""
+    out = [(0, 0), (0, 1), (0, n), (0, n + 1), (0, 10 * n), (n - 1, 1), (n - 1, 5), (n, 1), (n, 0), (n + 3, 7)]
+    out += [(s, n - s) for s in (1, n // 2, n - 2) if 0 <= s < n]  # ending exactly at the end
+    for boundary in range(BLOCK, n, BLOCK):
+        out += [(boundary - 1, 2), (boundary, 1), (boundary - 1, 1), (boundary - 100, BLOCK + 200), (boundary, BLOCK)]
+    for _ in range(60):
+        start = int(rng.integers(0, n + 1))
+        out.append((start, int(rng.integers(0, n + 2))))  # often longer than the remainder
+        out.append((start, int(rng.integers(1, min(n, 3 * SR) + 1))))
+    return out
+
+
+def test_window_equals_full_decode_sliced(clip):
+    """Every window is sample-exact the full decode's slice: edges, block boundaries, past the end, random."""
+    data, full = clip
+    rng = np.random.default_rng(len(full))
+    for start, frames in _windows(len(full), rng):
+        got = decode_flac_window(data, start, frames)
+        want = full[start : start + frames]
+        assert got.dtype == np.float32 and got.ndim == 1, (start, frames)
+        assert len(got) == len(want), (start, frames, len(got), len(want))
+        assert np.array_equal(got, want), (start, frames)
+
+
+def test_header_gives_frames_and_rate(clip):
+    """flac_frames/flac_info read the length and rate from the header, equal to the decoded length."""
+    data, full = clip
+    assert flac_frames(data) == len(full)
+    assert flac_info(data) == (len(full), SR, 1)
+
+
+def test_clips_use_the_block_size_the_tests_aim_at():
+    """encode_flac writes 4096-frame blocks, so the boundary windows above really cross FLAC frames."""
+    data = shard_format.encode_flac(np.zeros(3 * SR, dtype=np.float32))
+    min_block, max_block = int.from_bytes(data[8:10], "big"), int.from_bytes(data[10:12], "big")
+    assert (min_block, max_block) == (BLOCK, BLOCK)
+
+
+def _encode_any(audio: np.ndarray, sample_rate_hz: int) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, audio, sample_rate_hz, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_stereo_windows_average_channels_like_decode_flac():
+    """A stereo FLAC (not in our shards) gives the channel mean, equal to decode_flac's, window by window."""
+    rng = np.random.default_rng(3)
+    n = 3 * SR + 777
+    stereo = np.stack([0.4 * rng.standard_normal(n), rng.uniform(-1, 1, n)], axis=1)
+    data = _encode_any(stereo, SR)
+    full, _ = shard_format.decode_flac(data)
+    assert flac_info(data) == (n, SR, 2)
+    for start, frames in _windows(n, rng):
+        assert np.array_equal(decode_flac_window(data, start, frames), full[start : start + frames]), (start, frames)
+
+
+def test_header_of_other_rates_and_channel_counts():
+    """flac_info agrees with libsndfile on rate, channels and length of files not written by encode_flac."""
+    for rate, channels, n in [(44_100, 1, 44_100 * 2 + 5), (48_000, 2, 4000), (16_000, 6, 1)]:
+        data = _encode_any(np.zeros((n, channels)), rate)
+        info = soundfile.info(io.BytesIO(data))
+        assert flac_info(data) == (info.frames, info.samplerate, info.channels) == (n, rate, channels)
+
+
+def test_bad_input_is_refused():
+    """Negative windows, non-FLAC bytes, headers without a length and truncated streams raise, naming the problem."""
+    data = shard_format.encode_flac(np.zeros(2 * SR, dtype=np.float32))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        decode_flac_window(data, -1, 10)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        decode_flac_window(data, 0, -10)
+    with pytest.raises(ValueError, match="not FLAC data"):
+        flac_frames(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(40))
+    with pytest.raises(ValueError, match="not FLAC data"):
+        flac_frames(b"fLaC")
+    unknown = bytearray(data)
+    packed = int.from_bytes(unknown[18:26], "big") & ~((1 << 36) - 1)
+    unknown[18:26] = packed.to_bytes(8, "big")
+    with pytest.raises(ValueError, match="does not record the stream's length"):
+        flac_frames(bytes(unknown))
+    noisy = shard_format.encode_flac(np.random.default_rng(0).uniform(-1, 1, 4 * SR).astype(np.float32))
+    cut = noisy[: len(noisy) // 2]
+    with pytest.raises((ValueError, soundfile.LibsndfileError)):
+        decode_flac_window(cut, 3 * SR, SR)  # a window beyond the cut: full decoding raises on it too
+    with pytest.raises(soundfile.LibsndfileError):
+        shard_format.decode_flac(cut)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The crop draw
+
+
+def _reference_random_crop(audio: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """relret.data.random_crop as it was when window decoding came in (the draw the training streams have made)."""
+    if len(audio) <= max_samples:
+        return audio
+    start = int(rng.integers(0, len(audio) - max_samples + 1))
+    return audio[start : start + max_samples]
+
+
+def _check_same_draws(random_crop) -> None:
+    for max_frames in (1, 7, 320_000, 960_000):
+        lengths = {0, 1, max_frames - 1, max_frames, max_frames + 1, 2 * max_frames, 3 * max_frames + 12_345}
+        for n in sorted(lengths):
+            audio = np.arange(n, dtype=np.float32)
+            for seed in range(25):
+                rng_old, rng_new = np.random.default_rng([seed, n]), np.random.default_rng([seed, n])
+                want = random_crop(audio, max_frames, rng_old)
+                start, length = crop_window(n, max_frames, rng_new)
+                assert np.array_equal(audio[start : start + length], want), (max_frames, n, seed)
+                assert length == len(want) and 0 <= start and start + length <= n
+                assert rng_new.integers(1 << 62) == rng_old.integers(1 << 62), (max_frames, n, seed)
+
+
+def test_crop_window_draws_what_random_crop_draws():
+    """Same generator in, same window out and the same generator state after (the stream stays reproducible)."""
+    _check_same_draws(_reference_random_crop)
+
+
+def test_crop_window_covers_every_start():
+    """Starts are uniform over 0 .. n - max (both ends reachable), as random_crop's were."""
+    rng = np.random.default_rng(0)
+    starts = {crop_window(10, 7, rng)[0] for _ in range(400)}
+    assert starts == {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# duration_s against the header
+
+
+def test_json_duration_gives_the_header_frame_count(tmp_path):
+    """Clips written by the shard job's audio path: round(duration_s * 32000) from the json equals the FLAC header's
+    frame count (and the decoded length), for several input rates and lengths."""
+    from shards.job import encode_clips
+    from shards.readers import ClipSpec
+
+    rng = np.random.default_rng(1)
+    specs = []
+    for i, (rate, seconds) in enumerate([(44_100, 15.37), (32_000, 4.1), (48_000, 29.99), (22_050, 0.5), (44_100, 31)]):
+        name = f"clip{i}.wav"
+        soundfile.write(tmp_path / name, 0.2 * rng.standard_normal(int(seconds * rate)), rate, subtype="PCM_16")
+        specs.append(ClipSpec(source=name, audio_path=name, captions=("a caption",)))
+    statuses, encoded = encode_clips(specs, str(tmp_path), "clotho", "development", max_duration_s=30.0)
+    assert statuses == [None] * len(specs)
+    for meta_fields, flac in encoded:
+        meta = shard_format.SampleMeta(**json.loads(json.dumps(meta_fields)))  # through the json member, as stored
+        n = flac_frames(flac)
+        assert round(meta.duration_s * SR) == n == len(shard_format.decode_flac(flac)[0])
+    assert dataclasses.asdict(shard_format.SampleMeta(**encoded[-1][0]))["duration_s"] == 30.0
+
+
+def test_duration_arithmetic_is_exact_up_to_an_hour():
+    """n / 32000 as a float, through json, times 32000, rounds back to n for every n up to an hour (random: 2 h)."""
+    for lo in range(0, 3600 * SR, 8_000_000):
+        n = np.arange(lo, min(lo + 8_000_000, 3600 * SR), dtype=np.int64)
+        assert np.array_equal(np.rint((n / SR) * SR).astype(np.int64), n)
+    for n in np.random.default_rng(0).integers(0, 2 * 3600 * SR, 2000):
+        assert round(json.loads(json.dumps(int(n) / SR)) * SR) == n
