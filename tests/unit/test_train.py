@@ -15,7 +15,7 @@ from kit.shards import write_shard_dir
 
 from relret import checkpoint as ckpt
 from relret.checkpoint import rng_state, set_rng_state
-from relret.config import ConfigError, TrainConfig, config_differences, load_config, to_dict
+from relret.config import ConfigError, TrainConfig, config_differences, dump_yaml, load_config, to_dict
 from relret.run_dir import EXIT_BAD_CONFIG, write_status
 from relret.schedule import WarmupCosine, lr_at
 from relret.train import main
@@ -214,3 +214,20 @@ def test_checkpoint_without_latest_pointer_is_found(tmp_path, capsys):
     assert main(argv) == 0
     assert f"already completed at step 6 ({tag})" in capsys.readouterr().out
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+
+
+def test_print_config_prints_the_resolved_config_without_a_process_group(tmp_path, capsys):
+    """--print-config prints the resolved config (base files merged, overrides applied) and exits 0 without creating
+    the run directory or a process group; a bad key exits 2 naming it."""
+    import torch.distributed as dist
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(TINY), "--run-dir", str(run_dir), "--print-config", "train.epochs=7"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config(TrainConfig, TINY, ["train.epochs=7"])
+    assert printed.strip() == dump_yaml(cfg).strip()
+    assert "embed_dim: 32" in printed  # from tiny_base.yaml, through `base:`
+    assert not run_dir.exists() and not dist.is_initialized()
+    assert main([*argv[:-1], "train.epochz=7"]) == EXIT_BAD_CONFIG
+    assert "unknown key train.epochz" in capsys.readouterr().err
