@@ -134,6 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     parser.add_argument("--dcase", action="store_true", help="also write dcase_submission.csv (text-to-audio top 10)")
     parser.add_argument("--name", default=None, help="label of this result in tables (default: the model path)")
+    parser.add_argument(
+        "--ratings",
+        default=None,
+        help="graded relevance: a directory of crowdsourced ratings ({split}_relevances_joined.csv, the layout of "
+        "../shared/data/relevance_ratings); adds nDCG@k and Spearman/Kendall correlations against the ratings",
+    )
+    parser.add_argument(
+        "--ratings-split",
+        default=None,
+        help="the ratings split these shards hold (e.g. evaluation); default: every split in --ratings",
+    )
+    parser.add_argument(
+        "--ratings-sbert",
+        default=None,
+        help="Sentence-BERT model (name or path) to also score the training target g = 1/(1+exp(a-bh)) against "
+        "the ratings; default: the model only",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -143,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from relret.run_dir import atomic_output_dir, check_output_dir
 
     out = Path(args.out)
+    ratings = None
     try:
+        if args.ratings is not None:
+            ratings = _read_ratings(args.ratings, args.ratings_split)
         if args.batch_size < 1 or args.workers < 0 or not args.max_duration_s > 0:
             raise ValueError("--batch-size must be >= 1, --workers >= 0 and --max-duration-s > 0")
         check_output_dir(out, _is_previous_evaluation(out), "evaluation", args.overwrite)
@@ -170,11 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max_duration_s": args.max_duration_s,
             },
         )
+        graded = None
+        if ratings is not None and info.is_main:
+            try:
+                graded = _graded(model, collection, ratings, args.ratings_sbert)
+            except ValueError as exc:
+                print(f"evaluate: --ratings: {exc}", file=sys.stderr)
+                return 2
         if info.is_main:
             table = format_table2({args.name or Path(args.model).name: [result]})
             with atomic_output_dir(out) as tmp:
                 (tmp / "eval.json").write_text(result.to_json(), encoding="utf-8")
                 (tmp / "metrics.md").write_text(table + "\n", encoding="utf-8")
+                if graded is not None:
+                    (tmp / "graded.json").write_text(json.dumps(graded.to_dict(), indent=2) + "\n", encoding="utf-8")
+                    (tmp / "graded.md").write_text(_graded_markdown(graded), encoding="utf-8")
                 if args.dcase:
                     rows = dcase_submission_rows(
                         collection.text.cpu().numpy(),
@@ -182,12 +212,61 @@ def main(argv: Sequence[str] | None = None) -> int:
                         collection.audio.cpu().numpy(),
                         collection.source_files,
                     )
-                    _write_csv(tmp / "dcase_submission.csv", ["caption"] + [f"file_name_{i}" for i in range(1, 11)], rows)
+                    _write_csv(
+                        tmp / "dcase_submission.csv", ["caption"] + [f"file_name_{i}" for i in range(1, 11)], rows
+                    )
             print(table)
+            if graded is not None:
+                print(_graded_markdown(graded))
             print(f"wrote {out}/eval.json ({result.info['n_clips']} clips, {result.info['n_captions']} captions)")
         return 0
     finally:
         distributed.cleanup_distributed()
+
+
+def _read_ratings(directory: str, split: str | None) -> list:
+    from relret.graded import read_ratings_dir
+
+    ratings = read_ratings_dir(directory)
+    if split is not None:
+        splits = sorted({q.split for q in ratings})
+        ratings = [q for q in ratings if q.split == split]
+        if not ratings:
+            raise ValueError(f"--ratings-split {split!r}: {directory} holds the splits {', '.join(splits)}")
+    return ratings
+
+
+def _graded(model, collection: Collection, ratings: list, sbert: str | None):
+    """The model's cosine (and the target g's, with `sbert`) against the ratings over the evaluated clips."""
+    from relret.graded import graded_metrics, target_similarity
+
+    splits = sorted({q.split for q in ratings})
+    if len(splits) > 1:
+        raise ValueError(
+            f"the ratings hold the splits {', '.join(splits)} but one set of clips was evaluated (Clotho reuses file "
+            "names across splits): pass --ratings-split with the split of --shards"
+        )
+    query_emb = model.encode_text([q.query_text for q in ratings])
+    clips = (collection.source_files, collection.audio.cpu().numpy())
+    target_h = None
+    if sbert is not None:
+        from relret.sbert import load_sbert
+
+        encoder = load_sbert(sbert, device="cpu")
+        captions: dict[str, list[str]] = {}
+        names = dict(zip(collection.clip_ids.tolist(), collection.source_files))
+        for clip_id, caption in zip(collection.text_clip_ids.tolist(), collection.captions):
+            captions.setdefault(names[clip_id], []).append(caption)
+        target_h, _ = target_similarity(
+            ratings, captions, lambda texts: encoder.encode(list(texts), convert_to_numpy=True, batch_size=64)
+        )
+    return graded_metrics(query_emb, clips, ratings, target_h=target_h)
+
+
+def _graded_markdown(report) -> str:
+    from relret.graded import format_graded
+
+    return "## Graded relevance against the human ratings\n\n" + format_graded(report) + "\n"
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:

@@ -187,3 +187,59 @@ def test_evaluate_reports_bad_paths(tmp_path, capsys):
     """A shard directory without a manifest fails with exit 2 and a message naming what to do."""
     assert relret_main(["evaluate", "--model", str(tmp_path), "--shards", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "shards/build.py" in capsys.readouterr().err
+
+
+def test_evaluate_with_ratings_equals_a_hand_computed_ndcg_and_scipy(trained, tmp_path):
+    """`relret evaluate --ratings DIR`: nDCG@k and the correlations of the model's cosine against hand-made ratings
+    (ties, zero gains, a rated clip that is not among the evaluated ones) equal a plain-loop nDCG over cosines of
+    clips embedded one at a time, and scipy's Spearman/Kendall; a ratings split that matches no clip is refused."""
+    from relret.graded import RatedClip, RatedQuery, write_ratings_dir
+    from relret.retrieval import RetrievalModel
+
+    clips, clip_ids, sources, captions, caption_ids = _read_val_independently(trained["val"])
+    rng = np.random.default_rng(3)
+    ratings = []
+    for q in range(6):
+        own = q * 2
+        others = rng.choice([i for i in range(len(sources)) if i != own], size=5, replace=False).tolist()
+        values = [100.0, 0.0, 0.0, 37.5, 37.5, 80.0]  # ties and zero gains
+        rated = [RatedClip(sources[j], v, "C", sources[j]) for j, v in zip([own, *others], values)]
+        rated.append(RatedClip("not_evaluated.wav", 50.0, "C", "not_evaluated.wav"))
+        query_text = captions[int(np.flatnonzero(caption_ids == clip_ids[own])[0])]
+        rated.sort(key=lambda c: c.file_name)
+        ratings.append(RatedQuery("evaluation", f"t{q}", query_text, sources[own], tuple(rated)))
+    write_ratings_dir(ratings, tmp_path / "ratings")
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(trained["run_dir"]), "--shards", str(trained["val"]), "--out", str(out),
+            "--max-duration-s", str(CROP_S), "--ratings", str(tmp_path / "ratings")]  # fmt: skip
+    assert relret_main(argv) == 0
+    graded = json.loads((out / "graded.json").read_text())["model"]["evaluation"]
+
+    model = RetrievalModel.load(trained["run_dir"], device="cpu")
+    emb = {name: model.encode_audio([clip])[0] for name, clip in zip(sources, clips)}
+    ndcg: dict[int, list[float]] = {5: [], 10: []}
+    all_s, all_g = [], []
+    for q in ratings:
+        t = model.encode_text([q.query_text])[0]
+        pairs = [(float(emb[c.file_name] @ t), c.rating / 100) for c in q.clips if c.file_name in emb]
+        all_s += [p[0] for p in pairs]
+        all_g += [p[1] for p in pairs]
+        ranked = [g for _, g in sorted(pairs, key=lambda p: -p[0])]
+        ideal = sorted((g for _, g in pairs), reverse=True)
+        for k in ndcg:
+            dcg = sum(g / np.log2(i + 2) for i, g in enumerate(ranked[:k]))
+            idcg = sum(g / np.log2(i + 2) for i, g in enumerate(ideal[:k]))
+            ndcg[k].append(dcg / idcg)
+    assert graded["pairs_without_embedding"] == 6 and graded["rated_pairs"] == 36
+    assert graded["ndcg"]["nDCG@5"] == pytest.approx(np.mean(ndcg[5]), abs=1e-5)
+    assert graded["ndcg"]["nDCG@10"] == pytest.approx(np.mean(ndcg[10]), abs=1e-5)
+    assert graded["spearman_pooled"] == pytest.approx(stats.spearmanr(all_s, all_g).statistic, abs=1e-5)
+    assert graded["kendall_tau_b_pooled"] == pytest.approx(stats.kendalltau(all_s, all_g).statistic, abs=1e-5)
+    assert "Graded relevance" in (out / "graded.md").read_text()
+
+    stranger = [RatedQuery("evaluation", "t0", "x", "a.wav", (RatedClip("a.wav", 10.0, "C", "a.wav"),))]
+    write_ratings_dir(stranger, tmp_path / "stranger")
+    argv[argv.index("--out") + 1] = str(tmp_path / "eval2")
+    argv[argv.index("--ratings") + 1] = str(tmp_path / "stranger")
+    assert relret_main(argv) == 2
