@@ -118,15 +118,69 @@ def evaluate_collection(collection: Collection, info: dict | None = None, what: 
 
 def _is_previous_evaluation(out: Path) -> bool:
     try:
+        if (out / "zeroshot.json").is_file():
+            return "top1_acc" in json.loads((out / "zeroshot.json").read_text(encoding="utf-8"))
         return "per_query" in json.loads((out / "eval.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         return False
 
 
+def _zero_shot(args: argparse.Namespace, out: Path) -> int:
+    """Zero-shot classification of a labelled folder (relret.zeroshot): top-1/top-5 accuracy and per-class mAP."""
+    from relret.audio import BadAudio
+    from relret.retrieval import RetrievalModel
+    from relret.run_dir import atomic_output_dir
+    from relret.zeroshot import (
+        DEFAULT_TEMPLATES,
+        class_text_embeddings,
+        format_zero_shot,
+        read_labels,
+        zero_shot_metrics,
+    )
+
+    templates = args.template or list(DEFAULT_TEMPLATES)
+    try:
+        if any("{class}" not in t for t in templates):
+            raise ValueError(f"--template must contain {{class}}, got {templates}")
+        files = read_labels(args.labels, args.audio_dir)
+        model = RetrievalModel.load(args.model)
+        audio = model.encode_audio_files(files.paths, args.max_duration_s, args.batch_size)
+    except (ValueError, FileNotFoundError, BadAudio) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    classes = class_text_embeddings(files.class_names, model.encode_text, templates)
+    metrics = zero_shot_metrics(audio, files.labels, classes, files.class_names)
+    metrics.update(
+        model=model.source, labels=str(args.labels), templates=templates, missing_files=files.missing,
+        csv_rows=files.rows,
+    )  # fmt: skip
+    line = format_zero_shot(metrics, title=args.name or "zero-shot")
+    if files.missing:
+        line += f" ({len(files.missing)} of {files.rows} listed files missing, skipped)"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "zeroshot.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (tmp / "zeroshot.md").write_text(line + "\n", encoding="utf-8")
+    print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relret evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
-    parser.add_argument("--shards", nargs="+", required=True, help="evaluation shard directories (local or s3://)")
+    parser.add_argument("--shards", nargs="+", default=None, help="evaluation shard directories (local or s3://)")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="zero-shot classification instead of retrieval: a CSV of file name -> class (ESC-50's meta/esc50.csv, "
+        "UrbanSound8K's metadata/UrbanSound8K.csv, or file_name,class), with --audio-dir",
+    )
+    parser.add_argument("--audio-dir", default=None, help="the labelled clips' folder (with --labels)")
+    parser.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help='caption template of a class (repeat to average several; default "the sound of a {class}")',
+    )
     parser.add_argument("--out", required=True, help="output directory for eval.json, metrics.md, the DCASE file")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out directory")
     parser.add_argument("--max-duration-s", type=float, default=30.0, help="clips are cut to their first N seconds")
@@ -162,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     ratings = None
     try:
+        if (args.shards is None) == (args.labels is None):
+            raise ValueError("give either --shards (retrieval) or --labels with --audio-dir (zero-shot)")
+        if args.labels is not None and args.audio_dir is None:
+            raise ValueError("--labels needs --audio-dir, the folder of the labelled clips")
         if args.ratings is not None:
             ratings = _read_ratings(args.ratings, args.ratings_split)
         if args.batch_size < 1 or args.workers < 0 or not args.max_duration_s > 0:
@@ -170,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
+    if args.labels is not None:
+        return _zero_shot(args, out)
     info = distributed.init_distributed()
     try:
         try:

@@ -243,3 +243,36 @@ def test_evaluate_with_ratings_equals_a_hand_computed_ndcg_and_scipy(trained, tm
     argv[argv.index("--out") + 1] = str(tmp_path / "eval2")
     argv[argv.index("--ratings") + 1] = str(tmp_path / "stranger")
     assert relret_main(argv) == 2
+
+
+def test_evaluate_zero_shot_on_a_labelled_folder_equals_a_plain_loop(trained, tmp_path):
+    """`relret evaluate --labels CSV --audio-dir DIR`: top-1 accuracy equals a plain loop over the model's cosines to
+    "the sound of a {class}"; --labels without --audio-dir is a usage error."""
+    from relret.retrieval import RetrievalModel
+
+    clips, *_ = _read_val_independently(trained["val"])
+    classes = ["dog", "siren", "rain"]
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    rows = []
+    for i, clip in enumerate(clips[:12]):
+        sf.write(folder / f"c{i:02d}.wav", clip, shard_format.SAMPLE_RATE_HZ, subtype="FLOAT")
+        rows.append((f"c{i:02d}.wav", classes[i % 3]))
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("file_name", "class"), *rows])
+    out = tmp_path / "zs"
+    argv = ["evaluate", "--model", str(trained["run_dir"]), "--labels", str(tmp_path / "labels.csv"),
+            "--audio-dir", str(folder), "--out", str(out), "--max-duration-s", str(CROP_S)]  # fmt: skip
+    assert relret_main(argv) == 0
+    got = json.loads((out / "zeroshot.json").read_text())
+
+    model = RetrievalModel.load(trained["run_dir"], device="cpu")
+    text = model.encode_text([f"the sound of a {c}" for c in sorted(classes)])
+    correct = 0
+    for name, label in rows:
+        audio = model.encode_audio_files([folder / name], CROP_S)[0]
+        scores = [float(audio @ t) for t in text]
+        correct += sorted(classes)[int(np.argmax(scores))] == label
+    assert got["top1_acc"] == pytest.approx(correct / len(rows))
+    assert got["n_clips"] == 12 and got["n_classes"] == 3 and got["top5_acc"] == 1.0
+    assert relret_main([*argv[:5], "--out", str(tmp_path / "x")]) == 2  # --labels without --audio-dir
