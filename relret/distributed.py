@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
+import re
 import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,6 +92,9 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
 RENDEZVOUS_DIR_VAR = "RELRET_RENDEZVOUS_DIR"
 _temp_store_dirs: list[str] = []
 _shared_store_files: list[str] = []
+_held_launch_locks: list[int] = []
+# A store file named by the launching process: rendezvous-proc-<boot id>-<pid>-<start time>-<elastic restart>-...
+_PROC_NAME = re.compile(r"rendezvous-proc-(?P<boot>[0-9a-f]{32})-(?P<pid>\d+)-(?P<start>\d+)-\d+-.+")
 
 
 def _free_loopback_port() -> int:
@@ -99,16 +105,143 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None where no such process runs (a zombie counts as ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot): with the boot id, it tells a process from a later one that reuses
+    its PID."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    except OSError:
+        import hashlib
+        import socket
+
+        return hashlib.md5(socket.gethostname().encode()).hexdigest()
+
+
+def _launching_process(env: dict[str, str]) -> int:
+    """The process that started this rank: the parent, above any per-rank wrapper (a shell script, `uv run`) that
+    carries this rank's own RANK, LOCAL_RANK and MASTER_PORT in its environment, as the launcher itself does not."""
+    mine = [f"{k}={env.get(k, '')}".encode() for k in ("RANK", "LOCAL_RANK", "MASTER_PORT")]
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            break
+        if not all(m in environ for m in mine):
+            break
+        fields = _proc_stat(pid)
+        if fields is None:
+            break
+        pid = int(fields[1])
+    return pid
+
+
+def _one_node_launch(info: DistInfo, env: dict[str, str]) -> bool:
+    """Whether one launcher process started every rank on this machine: deepspeed (LOCAL_SIZE) or torchrun
+    (LOCAL_WORLD_SIZE) with all ranks local, or ranks started by hand with neither (taken to be siblings)."""
+    sizes = [env[k] for k in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE") if k in env]
+    if sizes:
+        return str(info.world_size) in sizes
+    return info.source == "torch" and not ("SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env)
+
+
+def _launch_name(info: DistInfo, env: dict[str, str]) -> str:
+    """The store file's name: unique to one launch and the same on each of its ranks, so that a store left behind by a
+    killed launch is never joined by a new one (its ranks would wait for, or connect to, the dead ones).
+
+    - One launcher process on this machine (deepspeed or torchrun on one node, or ranks started by hand): that process,
+      by boot id, PID and start time, plus torchrun's restart count (torchrun restarts its workers itself).
+    - An srun step: the SLURM job, step and restart count (a requeued job counts one more restart).
+    """
+    elastic = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    where = f"{env['MASTER_ADDR']}-{env['MASTER_PORT']}"
+    if _one_node_launch(info, env):
+        pid = _launching_process(env)
+        start = _start_ticks(pid)
+        if start is None:
+            raise RuntimeError(f"the process that launched this rank (PID {pid}) has ended; the launch is gone")
+        return f"rendezvous-proc-{_boot_id()}-{pid}-{start}-{elastic}-{where}"
+    if info.source == "slurm" or ("SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env):
+        step = env.get("SLURM_STEP_ID", "-") + (f".{elastic}" if elastic != "0" else "")
+        return f"rendezvous-{where}-{env.get('SLURM_JOB_ID', '-')}-{step}-{env.get('SLURM_RESTART_COUNT', '-')}"
+    raise RuntimeError(
+        f"{RENDEZVOUS_DIR_VAR} is set, but this launch spans several nodes outside an srun step, so nothing names it "
+        "on every rank (a store left by an earlier launch could be joined); launch inside `srun` (deepspeed "
+        f"--launcher slurm), or unset {RENDEZVOUS_DIR_VAR} to meet through the launcher's TCP store on MASTER_PORT"
+    )
+
+
+def _unused(store: Path) -> bool:
+    """Whether no living process holds the shared lock that every rank keeps on `store`'s lock file while it runs
+    (the lock file is made before the store, so a store without one was never joined under this scheme)."""
+    try:
+        fd = os.open(f"{store}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_stores(directory: Path, env: dict[str, str], own: str) -> list[str]:
+    """Remove the stores of launches that have ended; return their names.
+
+    A store is stale when its launching process on this machine has ended (or its PID now belongs to a later process)
+    and no rank of it still holds its lock, or when it belongs to an earlier run of this SLURM job (a requeued job's
+    earlier run has ended on every node). Stores from other machines or other jobs are left alone: their liveness
+    cannot be known from here, and they are never joined since their names are their launches' own.
+    """
+    boot = _boot_id()
+    job = env.get("SLURM_JOB_ID")
+    restart = int(env.get("SLURM_RESTART_COUNT", "0"))
+    earlier_run = re.compile(rf"rendezvous-.+-{re.escape(job)}-(?:[\d.]+|-[\d.]*)-(?P<restart>\d+|-)") if job else None
+    removed = []
+    # A lock file alone is a launch killed between taking its lock and making its store.
+    for name in sorted({path.name.removesuffix(".lock") for path in directory.glob("rendezvous-*")} - {own}):
+        store = directory / name
+        proc = _PROC_NAME.fullmatch(name)
+        if proc:
+            ended = proc["boot"] == boot and _start_ticks(int(proc["pid"])) != proc["start"]
+        else:
+            match = earlier_run.fullmatch(name) if earlier_run else None
+            ended = bool(match) and int(match["restart"].replace("-", "0")) < restart
+        if ended and _unused(store):
+            for path in (store, Path(f"{store}.lock")):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(name)
+    return removed
+
+
 def rendezvous(info: DistInfo, env: dict[str, str]) -> str:
     """The init_method of the process group.
 
     - A world of one: a file store in a fresh temporary directory (nothing listens on any port).
     - RELRET_RENDEZVOUS_DIR set: a file store in that directory, which every node must share (a cluster file
       system; torch's `file://` rendezvous). Nothing listens for the rendezvous, which helps where ad-hoc TCP
-      servers are unwelcome (and keeps tests on loopback: torch's TCPStore always binds every interface). The file
-      name holds the master address and port, the SLURM job, step and restart count, so reruns never meet a stale one;
-      rank 0 removes the file at `cleanup_distributed` (every rank has opened it by then), so that a manual rerun on
-      the same port does not find it either.
+      servers are unwelcome (and keeps tests on loopback: torch's TCPStore always binds every interface). The file is
+      named by the launch (`_launch_name`: the launching process on one node, else the srun step), never by address
+      and port alone, so a rerun never joins a store that a killed launch left (its ranks would connect to dead
+      peers: Gloo's "Connection refused"); rank 0 removes stores of ended launches (`_remove_stale_stores`) and, at
+      `cleanup_distributed`, its own (every rank has opened it by then).
     - Otherwise `env://`: a TCP store on MASTER_ADDR:MASTER_PORT, as torchrun and the deepspeed launcher expect.
     """
     if info.world_size == 1:
@@ -119,13 +252,17 @@ def rendezvous(info: DistInfo, env: dict[str, str]) -> str:
         return f"file://{directory}/store"
     shared = env.get(RENDEZVOUS_DIR_VAR)
     if shared:
-        os.makedirs(shared, exist_ok=True)
-        parts = [env["MASTER_ADDR"], env["MASTER_PORT"]]
-        parts += [env.get(k, "-") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")]
-        path = f"{os.path.abspath(shared)}/rendezvous-{'-'.join(parts)}"
+        directory = Path(shared).absolute()
+        directory.mkdir(parents=True, exist_ok=True)
+        name = _launch_name(info, env)
+        # The lock comes before the store: a store whose lock is free belongs to no living rank.
+        lock = os.open(directory / f"{name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        _held_launch_locks.append(lock)
         if info.rank == 0:
-            _shared_store_files.append(path)
-        return f"file://{path}"
+            _remove_stale_stores(directory, env, own=name)
+            _shared_store_files.extend([f"{directory}/{name}", f"{directory}/{name}.lock"])
+        return f"file://{directory}/{name}"
     return "env://"
 
 
@@ -178,6 +315,8 @@ def cleanup_distributed() -> None:
     while _shared_store_files:
         with contextlib.suppress(OSError):
             os.unlink(_shared_store_files.pop())
+    while _held_launch_locks:
+        os.close(_held_launch_locks.pop())
     while _temp_store_dirs:
         shutil.rmtree(_temp_store_dirs.pop(), ignore_errors=True)
 
