@@ -1,0 +1,156 @@
+"""PaSST on fused attention, and activation checkpointing of its transformer blocks.
+
+    fuse_passt_attention(encoder.passt)      # every block's hear21passt Attention -> FusedAttention (same parameters)
+    checkpoint_passt_blocks(encoder.passt)   # each block recomputes its activations in backward (training only)
+
+hear21passt's `Attention.forward` builds the [B, heads, N, N] attention matrix by hand (softmax(q k^T * scale) v), which
+keeps torch from using the fused kernels (flash / memory-efficient on CUDA, flash on CPU) that
+`torch.nn.functional.scaled_dot_product_attention` dispatches to. `FusedAttention` holds the same submodules under the
+same names (qkv, attn_drop, proj, proj_drop) and the same `num_heads` and `scale`, so checkpoints load unchanged and the
+swap moves the existing parameter objects instead of copying them.
+
+Both helpers change modules in place, keep every state-dict key and value, and are idempotent (a second call does
+nothing and returns 0). For the text encoder, Hugging Face models have their own switch:
+`model.activation_checkpointing_enable()` (transformers 5; `gradient_checkpointing_enable()` is its deprecated alias).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
+
+
+class FusedAttention(nn.Module):
+    """hear21passt's `Attention` with `F.scaled_dot_product_attention`: x [B, N, C] -> [B, N, C].
+
+    Same submodules, attributes and state-dict keys as `hear21passt.models.passt.Attention`; outputs equal it up to
+    float rounding. Attention dropout (`attn_drop.p`) is applied inside the fused kernel in training only, so it
+    draws different random numbers than hear21passt's separate `nn.Dropout` (equal outputs only with p = 0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module) -> FusedAttention:
+        """A FusedAttention that holds `attn`'s own submodules (no copies) and its num_heads and scale."""
+        for name in ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale"):
+            if not hasattr(attn, name):
+                raise ValueError(f"{type(attn).__name__} has no attribute {name!r}: not a hear21passt Attention")
+        if not isinstance(attn.qkv, nn.Linear) or not isinstance(attn.proj, nn.Linear):
+            raise ValueError(f"{type(attn).__name__}.qkv and .proj must be nn.Linear: not a hear21passt Attention")
+        if not isinstance(attn.attn_drop, nn.Dropout):
+            raise ValueError(f"{type(attn).__name__}.attn_drop must be nn.Dropout, got {type(attn.attn_drop).__name__}")
+        dim = attn.qkv.in_features
+        if attn.qkv.out_features != 3 * dim or dim % attn.num_heads:
+            raise ValueError(
+                f"{type(attn).__name__}: qkv maps {dim} -> {attn.qkv.out_features} with num_heads={attn.num_heads}; "
+                "expected dim -> 3 * dim with dim divisible by num_heads"
+            )
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.num_heads = attn.num_heads
+        fused.scale = attn.scale
+        fused.qkv = attn.qkv
+        fused.attn_drop = attn.attn_drop
+        fused.proj = attn.proj
+        fused.proj_drop = attn.proj_drop
+        fused.train(attn.training)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        # scale given explicitly: it is whatever the wrapped module used, not necessarily head_dim ** -0.5
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        x = x.transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))
+
+
+def _passt_blocks(passt: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a hear21passt PaSST, each with an `attn`; ValueError for anything else."""
+    blocks = getattr(passt, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        hint = " (pass the encoder's .passt)" if isinstance(getattr(passt, "passt", None), nn.Module) else ""
+        raise ValueError(
+            f"expected a hear21passt PaSST with a non-empty nn.Sequential `blocks`, got {type(passt).__name__}{hint}"
+        )
+    for i, block in enumerate(blocks):
+        if not isinstance(getattr(block, "attn", None), nn.Module):
+            raise ValueError(f"{type(passt).__name__}.blocks[{i}] ({type(block).__name__}) has no `attn` module")
+    return list(blocks)
+
+
+def fuse_passt_attention(passt: nn.Module) -> int:
+    """Replace every block's hear21passt `Attention` with a `FusedAttention` holding the same parameters.
+
+    Returns the number of blocks swapped (0 when all are fused already). State-dict keys and tensors are unchanged
+    (the same parameter objects move into the new modules). Raises ValueError, leaving `passt` untouched, for a
+    module that is not a hear21passt PaSST or whose attention is neither hear21passt's nor FusedAttention.
+    """
+    from hear21passt.models.passt import Attention
+
+    blocks = _passt_blocks(passt)
+    for i, block in enumerate(blocks):  # check everything before changing anything
+        if type(block.attn) not in (Attention, FusedAttention):
+            raise ValueError(
+                f"{type(passt).__name__}.blocks[{i}].attn is {type(block.attn).__module__}.{type(block.attn).__name__}"
+                "; only hear21passt.models.passt.Attention can be fused"
+            )
+    swapped = 0
+    for block in blocks:
+        if type(block.attn) is Attention:
+            block.attn = FusedAttention.from_attention(block.attn)
+            swapped += 1
+    return swapped
+
+
+def _checkpointed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    forward = type(block).forward  # the class's own forward, not the instance attribute that points here
+    if block.training and torch.is_grad_enabled():
+        # preserve_rng_state (the default) replays the same dropout / drop-path masks in the recomputation
+        return checkpoint(forward, block, x, use_reentrant=False)
+    return forward(block, x)
+
+
+def checkpoint_passt_blocks(passt: nn.Module) -> int:
+    """Make each transformer block of a hear21passt PaSST run under `torch.utils.checkpoint` in training.
+
+    Only the blocks' `forward` is replaced (an instance attribute; a `functools.partial`, so deepcopy and pickling
+    keep pointing at the right block): module paths and state-dict keys stay as they are. Activations inside a block
+    are recomputed in backward when the block is in training mode and autograd is recording; in eval or under
+    `torch.no_grad()` the block runs as before. Returns the number of blocks changed (0 when all were already).
+    """
+    swapped = 0
+    for block in _passt_blocks(passt):
+        current = block.__dict__.get("forward")
+        if isinstance(current, functools.partial) and current.func is _checkpointed_forward:
+            continue
+        if current is not None:
+            raise ValueError(f"{type(block).__name__}.forward is already overridden on the instance: {current!r}")
+        block.forward = functools.partial(_checkpointed_forward, block)
+        swapped += 1
+    return swapped
