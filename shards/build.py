@@ -10,6 +10,12 @@ On a Ray cluster (the script joins the cluster; see configs/ray/):
     ray submit configs/ray/aws.yaml shards/build.py -- --dataset wavcaps --captions /data/fsd_final.json \
         --audio-dir s3://bucket/wavcaps/FreeSound_flac --out s3://bucket/shards --blacklist /data/blacklist.json
 
+The datasets' real layouts (`shards/readers.py`): AudioCaps audio named by another download tool takes
+`--audio-template` (`Y{youtube_id}.wav`, `{audiocap_id}.wav`, `{youtube_id}_{start_time}.flac`); WavCaps audio is
+found below the folder its zips were unpacked in (`--audio-dir /data/wavcaps_unzipped`), and `--blacklist` also takes
+DCASE 2024 task 6's CSV of excluded Freesound ids. Missing audio files count against `--max-missing-fraction`
+(AudioCaps: 0.05, since YouTube videos disappear), corrupt ones against `--max-skipped-fraction`.
+
 `python shards/build.py --help` lists every option. The work is done by `shards.job` (this file is what `ray submit`
 copies to the head node, so it only imports the installed package).
 """

@@ -1,22 +1,28 @@
 """The shard job: captions + audio -> WebDataset shards with SBERT embeddings, on Ray (`shards/build.py` runs it).
 
-Dataflow. The driver reads the metadata (`shards/readers.py`), orders the clips (sorted by source name, then
-permuted with `--seed`) and cuts the order into small audio tasks of `--clips-per-task` clips. Each task (a Ray task,
-one CPU) reads its clips' audio from their paths, resamples and encodes FLAC (`relret/audio.py`), and returns two
-objects: a small status list (which clips failed and why) and the encoded clips. The same clips' captions go to the
-SBERT actor pool (`shards/embedding.py`). The driver reads only the statuses, in order: the survivors fill shards of
-exactly `--samples-per-shard` samples, and it routes slices of each task's output, by reference, to a pool of writer
-actors (`shards/writer.py`) that stream them into tar files. Audio bytes never pass through the driver, and a bounded
-number of tasks is in flight, so the driver's memory does not grow with the dataset's audio.
+Dataflow. The driver reads the metadata with the dataset's reader (`shards/readers.py`), orders the clips (sorted by
+source name, then permuted with `--seed`) and cuts the order into small audio tasks of `--clips-per-task` clips. Each
+task (a Ray task, one CPU) reads its clips' audio from their paths, resamples and encodes FLAC (`relret/audio.py`),
+and returns two objects: a small status list (which clips failed and why) and the encoded clips. The same clips'
+captions go to the SBERT actor pool (`shards/embedding.py`). The driver reads only the statuses, in order, and hands
+them to the shard cursor (`shards/cursor.py`), which decides where the survivors go: shards of exactly
+`--samples-per-shard` samples. The dispatcher here carries that out, routing slices of each task's output, by
+reference, to a pool of writer actors (`shards/writer.py`) that stream them into tar files. Audio bytes never pass
+through the driver, and a bounded number of tasks is in flight, so the driver's memory does not grow with the
+dataset's audio.
 
 Shard boundaries depend only on the clip order and on which clips fail, so the shards are deterministic. Each
 finished shard is recorded in `_progress/`; a rerun keeps every shard whose record and bytes verify and processes the
 rest (`shards/progress.py`). `manifest.json` is written last, when every shard exists.
+
+Clips left out are counted by kind: bad input (unparseable metadata rows, corrupt or empty audio) against
+`--max-skipped-fraction`, missing audio files against `--max-missing-fraction` (whose default is the reader's:
+YouTube-based AudioCaps always misses some). The manifest lists every clip left out with its reason (`skipped`) and
+names the missing ones again in `config["missing_audio"]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -24,7 +30,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +50,22 @@ from relret.shard_format import (
     shard_name,
     stable_clip_id,
 )
-from shards import cluster, progress
-from shards.readers import DATASETS, WAVCAPS_SUBSETS, Catalog, ClipSpec, read_catalog, wavcaps_subset
+from shards import cli, cluster, progress
+from shards.cursor import AddSamples, BeginShard, Chunk, FinishShard, ResumeMismatch, ShardCursor, plan_gaps
+from shards.readers import READERS, Catalog, ClipSpec, Reader, get_reader, read_catalog
 
 
 @dataclasses.dataclass
 class BuildConfig:
     """Everything the shard job needs; `python shards/build.py --help` documents each field as a flag."""
 
-    dataset: str
+    dataset: str = dataclasses.field(metadata={"choices": lambda: tuple(READERS)})
     """clotho | audiocaps | wavcaps | folder: which metadata reader to use, and the sample keys' prefix."""
     captions: str
     """The metadata file (a local path): Clotho/AudioCaps/folder CSV, WavCaps/folder JSON."""
     audio_dir: str
-    """Folder of the audio files (local or s3://); the metadata's file names are relative to it."""
+    """Folder of the audio files (local or s3://); the metadata's file names are relative to it. For WavCaps also
+    any folder above the subset's {Subset}_flac folder (such as where the official archives were unpacked)."""
     out: str
     """Output root (local or s3://); shards go to {out}/{dataset}/{split}/."""
     split: str | None = None
@@ -71,15 +79,21 @@ class BuildConfig:
     """Clips are cropped to this many seconds from their start."""
     max_skipped_fraction: float = 0.01
     """The job fails once more than this fraction of clips are skipped as bad input."""
+    max_missing_fraction: float | None = None
+    """The job fails once more than this fraction of clips have no audio file; default 0.05 for AudioCaps (YouTube
+    videos disappear: the authors' copy misses 2.6% of the train clips), 0.01 for the others."""
     seed: int = 0
     """Order of the clips across shards (same inputs and seed, same shards)."""
     audio_template: str | None = None
-    """Audio file name for AudioCaps ({youtube_id}, {start_time}; default {youtube_id}_{start_time}.wav) or WavCaps
-    ({id}, {stem}; default {stem}.flac)."""
+    """Audio file name for AudioCaps ({audiocap_id}, {youtube_id}, {start_time}; default
+    {youtube_id}_{start_time}.wav; e.g. Y{youtube_id}.wav, {audiocap_id}.wav) or WavCaps ({id}, {stem}; default
+    {stem}.flac)."""
     wavcaps_subset: str | None = None
     """freesound | bbc | soundbible | audioset_sl; default from the JSON file name (fsd_final.json, ...)."""
-    blacklist: list[str] = dataclasses.field(default_factory=list)
-    """WavCaps blacklist JSON files; the clips they list are excluded (and named in the manifest)."""
+    blacklist: list[str] = dataclasses.field(default_factory=list, metadata={"metavar": "FILE"})
+    """WavCaps blacklist files, JSON ({"FreeSound": [ids], "AudioSet": [ids]}) or CSV of Freesound ids (header row,
+    id first, e.g. dcase2024_task6_excluded_freesound_ids.csv); the clips they list are excluded (and named in the
+    manifest)."""
     clips_per_task: int = 32
     """Clips per audio task (and per SBERT call)."""
     sbert_device: str = "auto"
@@ -111,8 +125,8 @@ class BuildConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset not in READERS:
+            raise ValueError(f"--dataset {self.dataset!r}: choose one of {', '.join(READERS)}")
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard must be at least 1, got {self.samples_per_shard}")
         if self.clips_per_task < 1:
@@ -121,22 +135,39 @@ class BuildConfig:
             raise ValueError(f"--max-duration-s must be positive, got {self.max_duration_s}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ValueError(f"--max-skipped-fraction must be in [0, 1], got {self.max_skipped_fraction}")
+        if self.max_missing_fraction is not None and not 0 <= self.max_missing_fraction <= 1:
+            raise ValueError(f"--max-missing-fraction must be in [0, 1], got {self.max_missing_fraction}")
         if self.sbert_device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"--sbert-device {self.sbert_device!r}: choose auto, cuda or cpu")
         if self.verify not in ("sha256", "size"):
             raise ValueError(f"--verify {self.verify!r}: choose sha256 or size")
-        if self.wavcaps_subset is not None and self.wavcaps_subset not in WAVCAPS_SUBSETS:
-            raise ValueError(f"--wavcaps-subset {self.wavcaps_subset!r}: choose one of {', '.join(WAVCAPS_SUBSETS)}")
         if self.writers is not None and self.writers < 1:
             raise ValueError(f"--writers must be at least 1, got {self.writers}")
         if self.split is not None:
             check_name("split", self.split)
+        self.reader_options()  # the reader's own checks (its options' __post_init__), before anything runs
+
+    @property
+    def reader(self) -> Reader:
+        return get_reader(self.dataset)
+
+    def reader_options(self) -> Any:
+        """The dataset reader's options from the reader-option fields that are set (fields of other readers' options
+        that are set are refused)."""
+        names = {n for r in READERS.values() for n in r.option_names()}
+        given = {n: getattr(self, n) for n in names if getattr(self, n, None) not in (None, [])}
+        return self.reader.make_options(given)
+
+    def resolved_max_missing_fraction(self) -> float:
+        if self.max_missing_fraction is not None:
+            return self.max_missing_fraction
+        return self.reader.max_missing_fraction
 
     def resolved_split(self) -> str:
         if self.split:
             return self.split
-        if self.dataset == "wavcaps":
-            return self.wavcaps_subset or wavcaps_subset(self.captions)
+        if name := self.reader.default_split(Path(self.captions), self.reader_options()):
+            return name
         stem = Path(self.captions).stem.lower()
         if m := re.search(r"captions_([a-z0-9_]+)$", stem):
             stem = m.group(1)
@@ -147,11 +178,72 @@ class BuildConfig:
 
 
 class SkippedTooMany(RuntimeError):
-    """More clips were skipped than --max-skipped-fraction allows."""
+    """More clips were skipped than --max-skipped-fraction (bad input) or --max-missing-fraction (missing audio)
+    allows."""
 
 
-class ResumeMismatch(RuntimeError):
-    """The output directory holds shards that this job's inputs do not reproduce."""
+MISSING_AUDIO = "audio file not found"
+"""The reason relret.audio gives (BadAudio) for an audio file that does not exist; the job appends the path."""
+
+
+def is_missing_audio(skip: SkippedInput) -> bool:
+    """True for a clip left out because its audio file does not exist (rather than for bad input)."""
+    return skip.reason == MISSING_AUDIO or skip.reason.startswith(MISSING_AUDIO + ":")
+
+
+class LeftOutTally:
+    """The clips left out so far, by kind, against the job's two limits (fractions of `total` clips)."""
+
+    def __init__(self, total: int, max_skipped_fraction: float, max_missing_fraction: float) -> None:
+        self.total = total
+        self.max_skipped_fraction = max_skipped_fraction
+        self.max_missing_fraction = max_missing_fraction
+        self.bad: list[SkippedInput] = []
+        self.missing: list[SkippedInput] = []
+
+    def add(self, skipped: Iterable[SkippedInput]) -> None:
+        for s in skipped:
+            (self.missing if is_missing_audio(s) else self.bad).append(s)
+
+    def check(self) -> None:
+        """Raise SkippedTooMany, with the counts per reason and the first names, once either limit is exceeded."""
+        total, over = self.total, []
+        if total and len(self.bad) > self.max_skipped_fraction * total:
+            over.append(
+                f"{len(self.bad)} of {total} clips skipped as bad input ({len(self.bad) / total:.1%}), more than "
+                f"--max-skipped-fraction {self.max_skipped_fraction:g}"
+            )
+        if total and len(self.missing) > self.max_missing_fraction * total:
+            over.append(
+                f"{len(self.missing)} of {total} clips skipped for missing audio ({len(self.missing) / total:.1%}), "
+                f"more than --max-missing-fraction {self.max_missing_fraction:g}"
+            )
+        if not over:
+            return
+        hint = " If audio files are not found, check --audio-dir (and --audio-template)." if self.missing else ""
+        raise SkippedTooMany(
+            "\n".join(over) + f":\n{skip_summary(self.bad + self.missing)}\nFix the inputs, or raise "
+            f"--max-skipped-fraction (bad input) or --max-missing-fraction (missing audio).{hint}"
+        )
+
+
+# "clotho.csv:27: ", "fsd_final.json: data[3]: ", "captions.json: [3]: ", "captions.json: 'a.wav': "
+_WHERE = re.compile(r"^[^:\n]+(?::\d+|: (?:data)?\[\d+\]|: '.*?'|: \".*?\"): ")
+
+
+def skip_reason_kind(reason: str) -> str:
+    """A reason without the place it names (metadata file and line, audio path, details in parentheses): the same
+    kind of problem gives the same text."""
+    kind = re.split(r" \(|: ", _WHERE.sub("", reason), maxsplit=1)[0]
+    return re.sub(r":\d+\b", "", kind).strip()
+
+
+def skip_summary(skipped: Sequence[SkippedInput], limit: int = 5) -> str:
+    """Counts per kind of reason, then the first `limit` clips with their reasons."""
+    kinds = collections.Counter(skip_reason_kind(s.reason) for s in skipped)
+    lines = [f"  {n} x {kind}" for kind, n in kinds.most_common()]
+    lines += [f"  e.g. {s.source}: {s.reason}" for s in skipped[:limit]]
+    return "\n".join(lines)
 
 
 def order_clips(clips: Sequence[ClipSpec], seed: int) -> list[ClipSpec]:
@@ -163,7 +255,8 @@ def order_clips(clips: Sequence[ClipSpec], seed: int) -> list[ClipSpec]:
 def encode_clips(
     clips: list[ClipSpec], audio_dir: str, dataset: str, split: str, max_duration_s: float
 ) -> tuple[list[str | None], list[tuple[dict, bytes] | None]]:
-    """An audio task: (per clip, None or why it was skipped; per clip, (SampleMeta fields, FLAC bytes) or None)."""
+    """An audio task: (per clip, None or why it was skipped; per clip, (SampleMeta fields, FLAC bytes) or None).
+    `audio_dir` is the folder the clips' audio paths are relative to."""
     from relret.audio import BadAudio, load_clip
 
     statuses: list[str | None] = []
@@ -205,67 +298,6 @@ def _audio_task(*args):
     return encode_clips(*args)
 
 
-@dataclasses.dataclass
-class _Chunk:
-    """An audio task in flight."""
-
-    start: int
-    clips: list[ClipSpec]
-    status: Any
-    encoded: Any
-    sbert: Any
-    offsets: list[int]
-
-
-@dataclasses.dataclass
-class _Gap:
-    """Positions [start, end) no verified shard covers; they fill shards from `first_index` on, and must end exactly
-    at shard `next_index` (None: the end of the clip list)."""
-
-    start: int
-    end: int
-    first_index: int
-    next_index: int | None
-
-
-def plan_gaps(records: Sequence[progress.Record], n_clips: int) -> list[_Gap]:
-    """The stretches of the clip order still to process, given the verified records (sorted by index)."""
-    gaps, pos, index = [], 0, 0
-    for r in records:
-        if (r.start > pos) != (r.index > index) or r.start < pos or r.index < index or r.end <= r.start:
-            raise ResumeMismatch(
-                f"progress records do not tile the clip order (shard {r.index} covers [{r.start}, {r.end}) after "
-                f"position {pos}, shard {index})"
-            )
-        if r.start > pos:
-            gaps.append(_Gap(pos, r.start, index, r.index))
-        pos, index = r.end, r.index + 1
-    if pos > n_clips:
-        raise ResumeMismatch(f"progress records cover {pos} clips, the inputs have {n_clips}")
-    if pos < n_clips or not records:
-        gaps.append(_Gap(pos, n_clips, index, None))
-    return gaps
-
-
-def _skip_summary(skipped: Sequence[SkippedInput], limit: int = 5) -> str:
-    kinds = collections.Counter(re.sub(r"[:(].*", "", s.reason.split(": ", 1)[-1]).strip() for s in skipped)
-    lines = [f"  {n} x {kind}" for kind, n in kinds.most_common()]
-    lines += [f"  e.g. {s.source}: {s.reason}" for s in skipped[:limit]]
-    return "\n".join(lines)
-
-
-def _check_skipped(bad: Sequence[SkippedInput], total: int, limit: float) -> None:
-    if total and len(bad) > limit * total:
-        hint = ""
-        if any("audio file not found" in s.reason for s in bad):
-            hint = " If audio files are not found, check --audio-dir (and --audio-template)."
-        raise SkippedTooMany(
-            f"{len(bad)} of {total} clips skipped as bad input ({len(bad) / total:.1%}), more than "
-            f"--max-skipped-fraction {limit:g}:\n{_skip_summary(bad)}\nFix the inputs or raise "
-            f"--max-skipped-fraction.{hint}"
-        )
-
-
 def _remove_stale_partials(out_dir: str) -> None:
     """Temporary files of a killed run (local output only: on S3 nothing partial is ever uploaded)."""
     if storage.is_s3(out_dir):
@@ -280,18 +312,16 @@ def run(cfg: BuildConfig) -> Manifest:
     t_start = time.perf_counter()
     split = cfg.resolved_split()
     check_name("dataset", cfg.dataset)
-    catalog: Catalog = read_catalog(
-        cfg.dataset,
-        cfg.captions,
-        audio_template=cfg.audio_template,
-        wavcaps_subset=cfg.wavcaps_subset,
-        blacklists=cfg.blacklist,
-    )
+    options = cfg.reader_options()
+    catalog: Catalog = read_catalog(cfg.dataset, cfg.captions, options)
     if not catalog.clips:
         raise ValueError(
-            f"{cfg.captions}: no usable clips ({len(catalog.skipped)} skipped:\n{_skip_summary(catalog.skipped)})"
+            f"{cfg.captions}: no usable clips ({len(catalog.skipped)} skipped:\n{skip_summary(catalog.skipped)})"
         )
-    _check_skipped(catalog.skipped, catalog.total, cfg.max_skipped_fraction)
+    tally = LeftOutTally(catalog.total, cfg.max_skipped_fraction, cfg.resolved_max_missing_fraction())
+    tally.add(catalog.skipped)
+    tally.check()
+    audio_root = cfg.reader.audio_root(cfg.audio_dir, Path(cfg.captions), options, catalog)
     clips = order_clips(catalog.clips, cfg.seed)
     out_dir = storage.join(cfg.out, cfg.dataset, split)
     settings = {
@@ -320,34 +350,45 @@ def run(cfg: BuildConfig) -> Manifest:
     connection = cluster.connect(cfg.ray_address, cfg.num_cpus, cfg.object_store_mb)
     try:
         records = _verified(records, out_dir, cfg.verify == "sha256")
-        gaps = plan_gaps(records, len(clips))
+        cursor = ShardCursor(plan_gaps(records, len(clips)), cfg.samples_per_shard, cfg.clips_per_task)
+        found = f"; audio found in {audio_root}" if audio_root != cfg.audio_dir else ""
         print(
             f"[shards] {cfg.dataset}/{split}: {len(clips)} clips ({len(catalog.skipped)} skipped in the metadata, "
             f"{len(catalog.excluded)} blacklisted) -> {out_dir}; Ray: {connection.cluster}; {len(records)} shard(s) "
-            "already done",
+            f"already done{found}",
             flush=True,
         )
-        timeline: list[tuple[float, int]] = []
-        new_records, trailing = _process(cfg, clips, gaps, records, catalog, out_dir, split, fp, timeline, t_start)
+        tally.add(s for r in records for s in r.skipped)
+        tracker = _Progress(cfg, split, len(clips), len(clips) - cursor.todo, tally, t_start)
+        try:
+            new_records = _dispatch(cfg, clips, cursor, audio_root, split, out_dir, fp, tracker.after_task)
+        finally:
+            tracker.close()
     finally:
         connection.close()
 
     records = sorted(records + new_records, key=lambda r: r.index)
+    trailing = cursor.trailing
     if not records:
         raise RuntimeError(
-            f"no clip of {cfg.captions} could be read, so no shard was written:\n{_skip_summary(trailing)}\nCheck "
+            f"no clip of {cfg.captions} could be read, so no shard was written:\n{skip_summary(trailing)}\nCheck "
             "--audio-dir and --audio-template"
         )
     assert [r.index for r in records] == list(range(len(records))), "every shard index is present"
     audio_skipped = [s for r in records for s in r.skipped] + trailing
+    missing = [s.source for s in audio_skipped if is_missing_audio(s)]
     config = {
         **dataclasses.asdict(cfg),
         "split": split,
+        "max_missing_fraction": cfg.resolved_max_missing_fraction(),
         "fingerprint": fp,
         "ray_cluster": connection.cluster,
         "clips_total": catalog.total + len(catalog.excluded),
         "skipped_bad_input": len(catalog.skipped) + len(audio_skipped),
+        "skipped_missing_audio": len(missing),
         "blacklisted": len(catalog.excluded),
+        "audio_root": audio_root,
+        "missing_audio": missing,
     }
     config.pop("report", None)
     config.pop("progress_bar", None)
@@ -368,12 +409,12 @@ def run(cfg: BuildConfig) -> Manifest:
     wall_s = time.perf_counter() - t_start
     print(
         f"[shards] wrote {out_dir}/{MANIFEST_NAME}: {manifest.total_samples} samples in {len(manifest.shards)} "
-        f"shard(s), {manifest.total_bytes / 2**20:.1f} MiB, {len(catalog.skipped) + len(audio_skipped)} skipped, "
-        f"{wall_s:.1f} s",
+        f"shard(s), {manifest.total_bytes / 2**20:.1f} MiB, {len(catalog.skipped) + len(audio_skipped)} skipped "
+        f"({len(missing)} for missing audio), {wall_s:.1f} s",
         flush=True,
     )
     if cfg.report:
-        _write_report(cfg.report, manifest, wall_s, len(clips), timeline)
+        _write_report(cfg.report, manifest, wall_s, len(clips), tracker.timeline)
     return manifest
 
 
@@ -391,167 +432,183 @@ def _verified(records: list[progress.Record], out_dir: str, sha256: bool) -> lis
     return [r for r, good in zip(records, ok) if good]
 
 
-def _process(
-    cfg: BuildConfig,
-    clips: list[ClipSpec],
-    gaps: list[_Gap],
-    done: list[progress.Record],
-    catalog: Catalog,
-    out_dir: str,
-    split: str,
-    fp: str,
-    timeline: list[tuple[float, int]],
-    t_start: float,
-) -> tuple[list[progress.Record], list[SkippedInput]]:
-    """Run the pipeline over the gaps. Returns the new shards' records and the skipped clips after the last shard;
-    appends (seconds since `t_start`, clips processed) to `timeline` after each audio task."""
-    import ray
-    from tqdm import tqdm
+class _Progress:
+    """What the driver does after each audio task besides dispatching: the progress bar, the (seconds since the
+    start, clips done) timeline for --report, and the limits on clips left out."""
 
-    from shards.embedding import SbertEmbedder
-    from shards.writer import ShardWriter
+    def __init__(self, cfg: BuildConfig, split: str, n_clips: int, done: int, tally: LeftOutTally, t_start: float):
+        from tqdm import tqdm
 
-    todo = sum(g.end - g.start for g in gaps)
-    if todo == 0:
-        return [], []
-    gpus = cluster.cluster_gpus()
-    cpus = cluster.cluster_cpus()
-    on_gpu = cfg.sbert_device == "cuda" or (cfg.sbert_device == "auto" and gpus > 0)
-    if on_gpu:
-        gpu_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
-        size = cfg.sbert_actors or max(gpus, 1)
-        embedders = _EmbedderPool(lambda: gpu_cls.remote(cfg.sbert, "cuda"), size)
-    else:
-        cpu_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
-        captions_per_clip = sum(len(c.captions) for c in clips) / len(clips)
-        size = cfg.sbert_actors or cpu_sbert_actors(cpus, captions_per_clip, cfg.sbert_cpu_threads)
-        embedders = _EmbedderPool(lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size)
-    writer_cls = ray.remote(num_cpus=0)(ShardWriter)
-    writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers or (4 if storage.is_s3(out_dir) else 1))]
-    encode = ray.remote(num_cpus=1, num_returns=2, max_retries=3, retry_exceptions=True)(_audio_task)
-    in_flight = cfg.max_tasks_in_flight or max(4, 2 * cpus)
+        self.tally, self.t_start, self.done = tally, t_start, done
+        self.timeline: list[tuple[float, int]] = []
+        self.bar = tqdm(
+            total=n_clips,
+            initial=done,
+            unit="clip",
+            disable=not cfg.progress_bar,
+            desc=f"{cfg.dataset}/{split}",
+            mininterval=1.0,
+        )
 
-    def chunks():
-        for gap_no, gap in enumerate(gaps):
-            for start in range(gap.start, gap.end, cfg.clips_per_task):
-                yield gap_no, start, min(start + cfg.clips_per_task, gap.end)
+    def after_task(self, outcomes: Sequence[SkippedInput | None]) -> None:
+        self.tally.add(s for s in outcomes if s is not None)
+        self.tally.check()
+        self.bar.update(len(outcomes))
+        self.done += len(outcomes)
+        self.timeline.append((time.perf_counter() - self.t_start, self.done))
 
-    def submit(start: int, end: int) -> _Chunk:
-        part = clips[start:end]
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclasses.dataclass
+class _Task:
+    """An audio task in flight: its chunk, clips, and the references to its statuses, encoded clips and SBERT
+    embeddings (with each clip's caption offsets into them)."""
+
+    chunk: Chunk
+    clips: list[ClipSpec]
+    status: Any
+    encoded: Any
+    sbert: Any
+    offsets: list[int]
+
+
+class _RayWorkers:
+    """The Ray side of the job: audio tasks, the SBERT actor pool and the shard writer actors."""
+
+    def __init__(self, cfg: BuildConfig, clips: list[ClipSpec], audio_root: str, split: str, out_dir: str, fp: str):
+        import ray
+
+        from shards.embedding import SbertEmbedder
+        from shards.writer import ShardWriter
+
+        self.cfg, self.audio_root, self.split, self.fp = cfg, audio_root, split, fp
+        gpus, cpus = cluster.cluster_gpus(), cluster.cluster_cpus()
+        self.on_gpu = cfg.sbert_device == "cuda" or (cfg.sbert_device == "auto" and gpus > 0)
+        if self.on_gpu:
+            gpu_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
+            size = cfg.sbert_actors or max(gpus, 1)
+            self.embedders = _EmbedderPool(lambda: gpu_cls.remote(cfg.sbert, "cuda"), size)
+        else:
+            cpu_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
+            captions_per_clip = sum(len(c.captions) for c in clips) / len(clips)
+            size = cfg.sbert_actors or cpu_sbert_actors(cpus, captions_per_clip, cfg.sbert_cpu_threads)
+            self.embedders = _EmbedderPool(lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size)
+        writer_cls = ray.remote(num_cpus=0)(ShardWriter)
+        self.writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers or (4 if storage.is_s3(out_dir) else 1))]
+        self.encode = ray.remote(num_cpus=1, num_returns=2, max_retries=3, retry_exceptions=True)(_audio_task)
+        self.in_flight = cfg.max_tasks_in_flight or max(4, 2 * cpus)
+        self.adds: collections.deque = collections.deque()
+        self.finishing: dict[int, Any] = {}
+        self.records: list[progress.Record] = []
+
+    def submit(self, chunk: Chunk, clips: list[ClipSpec]) -> _Task:
+        part = clips[chunk.start : chunk.end]
         captions = [c for clip in part for c in clip.captions]
         offsets = np.cumsum([0] + [len(clip.captions) for clip in part]).tolist()
-        status, encoded = encode.remote(part, cfg.audio_dir, cfg.dataset, split, cfg.max_duration_s)
-        sbert = embedders.embed(captions)
-        return _Chunk(start, part, status, encoded, sbert, offsets)
+        status, encoded = self.encode.remote(
+            part, self.audio_root, self.cfg.dataset, self.split, self.cfg.max_duration_s
+        )
+        return _Task(chunk, part, status, encoded, self.embedders.embed(captions), offsets)
 
-    bad = list(catalog.skipped) + [s for r in done for s in r.skipped]
-    new_records: list[progress.Record] = []
-    finishing: dict[int, Any] = {}
-    adds: collections.deque = collections.deque()
-    plan = chunks()
-    queue: collections.deque = collections.deque()
+    def apply(self, action: BeginShard | AddSamples | FinishShard, task: _Task | None) -> None:
+        """Send one of the cursor's actions to the writer of its shard (writers take shards in turn)."""
+        writer = self.writers[action.index % len(self.writers)]
+        if isinstance(action, BeginShard):
+            writer.begin.remote(shard_name(self.cfg.dataset, self.split, action.index))
+        elif isinstance(action, AddSamples):
+            assert task is not None
+            rows = [(j, task.offsets[j], task.offsets[j + 1]) for j in action.offsets]
+            self.adds.append(writer.add.remote(task.encoded, task.sbert, rows))
+        else:
+            self.finishing[action.index] = writer.finish.remote(action.samples, action.record(self.fp))
 
-    def top_up() -> None:
-        while len(queue) < in_flight:
-            item = next(plan, None)
-            if item is None:
-                return
-            gap_no, start, end = item
-            queue.append((gap_no, submit(start, end)))
+    def throttle(self) -> None:
+        """Wait for the oldest writes while too many are queued (they hold the audio tasks' outputs)."""
+        import ray
 
-    def collect(block: bool) -> None:
-        if not finishing:
+        while len(self.adds) > 2 * self.in_flight:
+            ray.get(self.adds.popleft())
+
+    def collect(self, block: bool) -> None:
+        """Take in the records of finished shards (all of them, if `block`)."""
+        import ray
+
+        if not self.finishing:
             return
-        refs = list(finishing.values())
+        refs = list(self.finishing.values())
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
         for ref in ready:
             rec = progress.Record.from_dict(ray.get(ref))
-            new_records.append(rec)
-            del finishing[rec.index]
+            self.records.append(rec)
+            del self.finishing[rec.index]
 
-    bar = tqdm(
-        total=len(clips),
-        initial=len(clips) - todo,
-        unit="clip",
-        disable=not cfg.progress_bar,
-        desc=f"{cfg.dataset}/{split}",
-        mininterval=1.0,
-    )
-    processed = len(clips) - todo
-    try:
-        top_up()
-        gap_no, index, count, shard_start, shard_skipped = -1, 0, 0, 0, []
-        while queue:
-            chunk_gap, chunk = queue.popleft()
-            if chunk_gap != gap_no:
-                if gap_no >= 0:
-                    _check_gap_end(gaps[gap_no], index, count, shard_skipped)
-                gap_no = chunk_gap
-                index, count, shard_start, shard_skipped = gaps[gap_no].first_index, 0, gaps[gap_no].start, []
-            statuses = ray.get(chunk.status)
-            rows: list[tuple[int, int, int]] = []
-            for j, reason in enumerate(statuses):
-                pos = chunk.start + j
-                if reason is not None:
-                    skip = SkippedInput(chunk.clips[j].source, reason)
-                    shard_skipped.append(skip)
-                    bad.append(skip)
-                    continue
-                if count == 0:
-                    writers[index % len(writers)].begin.remote(shard_name(cfg.dataset, split, index))
-                rows.append((j, chunk.offsets[j], chunk.offsets[j + 1]))
-                count += 1
-                if count == cfg.samples_per_shard:
-                    writer = writers[index % len(writers)]
-                    adds.append(writer.add.remote(chunk.encoded, chunk.sbert, rows))
-                    record = {
-                        "fingerprint": fp,
-                        "index": index,
-                        "start": shard_start,
-                        "end": pos + 1,
-                        "skipped": [dataclasses.asdict(s) for s in shard_skipped],
-                    }
-                    finishing[index] = writer.finish.remote(count, record)
-                    index, count, shard_start, shard_skipped, rows = index + 1, 0, pos + 1, [], []
-            if rows:
-                adds.append(writers[index % len(writers)].add.remote(chunk.encoded, chunk.sbert, rows))
-            _check_skipped(bad, catalog.total, cfg.max_skipped_fraction)
-            bar.update(len(statuses))
-            processed += len(statuses)
-            timeline.append((time.perf_counter() - t_start, processed))
-            del chunk
-            while len(adds) > 2 * in_flight:
-                ray.get(adds.popleft())
-            collect(block=False)
-            top_up()
-        gap = gaps[gap_no]
-        trailing: list[SkippedInput] = []
-        if gap.next_index is None and count > 0:
-            writer = writers[index % len(writers)]
-            record = {
-                "fingerprint": fp,
-                "index": index,
-                "start": shard_start,
-                "end": gap.end,
-                "skipped": [dataclasses.asdict(s) for s in shard_skipped],
-            }
-            finishing[index] = writer.finish.remote(count, record)
-        elif gap.next_index is None:
-            trailing = shard_skipped
-        else:
-            _check_gap_end(gap, index, count, shard_skipped)
-        ray.get(list(adds))
-        collect(block=True)
-        print(f"[shards] used {len(embedders.actors)} SBERT actor(s) on {'GPU' if on_gpu else 'CPU'}", flush=True)
-    except BaseException:
-        try:  # drop the shards being written (queued adds run first: nothing partial is published either way)
-            ray.get([w.abort.remote() for w in writers], timeout=60)
+    def drain(self) -> None:
+        import ray
+
+        ray.get(list(self.adds))
+        self.collect(block=True)
+
+    def abort(self) -> None:
+        """Drop the shards being written (queued adds run first: nothing partial is published either way)."""
+        import ray
+
+        try:
+            ray.get([w.abort.remote() for w in self.writers], timeout=60)
         except Exception:  # a dead writer has nothing left to drop; the original error is the one to report
             pass
+
+
+def _dispatch(
+    cfg: BuildConfig,
+    clips: list[ClipSpec],
+    cursor: ShardCursor,
+    audio_root: str,
+    split: str,
+    out_dir: str,
+    fp: str,
+    after_task,
+) -> list[progress.Record]:
+    """Run the cursor's chunks on Ray: keep up to `in_flight` audio tasks (and their SBERT calls) submitted ahead,
+    feed their statuses to the cursor in order, send its actions to the writers, and call `after_task(outcomes)`
+    after each task. Returns the records of the shards written."""
+    import ray
+
+    if cursor.todo == 0:
+        return []
+    workers = _RayWorkers(cfg, clips, audio_root, split, out_dir, fp)
+    plan = cursor.chunks()
+    queue: collections.deque[_Task] = collections.deque()
+
+    def top_up() -> None:
+        while len(queue) < workers.in_flight and (chunk := next(plan, None)) is not None:
+            queue.append(workers.submit(chunk, clips))
+
+    try:
+        top_up()
+        while queue:
+            task = queue.popleft()
+            statuses = ray.get(task.status)
+            outcomes = [None if r is None else SkippedInput(c.source, r) for c, r in zip(task.clips, statuses)]
+            for action in cursor.feed(task.chunk, outcomes):
+                workers.apply(action, task)
+            after_task(outcomes)
+            del task  # its outputs are referenced by the queued writes only
+            workers.throttle()
+            workers.collect(block=False)
+            top_up()
+        for action in cursor.close():
+            workers.apply(action, None)
+        workers.drain()
+        print(
+            f"[shards] used {len(workers.embedders.actors)} SBERT actor(s) on {'GPU' if workers.on_gpu else 'CPU'}",
+            flush=True,
+        )
+    except BaseException:
+        workers.abort()
         raise
-    finally:
-        bar.close()
-    return new_records, trailing
+    return workers.records
 
 
 class _EmbedderPool:
@@ -587,15 +644,6 @@ def cpu_sbert_actors(cpus: int, captions_per_clip: float, threads_per_actor: int
     return max(1, min(cpus, round(cpus * share / max(threads_per_actor, 1))))
 
 
-def _check_gap_end(gap: _Gap, index: int, count: int, skipped: list[SkippedInput]) -> None:
-    if count != 0 or skipped or index != gap.next_index:
-        raise ResumeMismatch(
-            f"resuming: the clips before position {gap.end} now fill shards up to index {index} (+{count} samples), "
-            f"but the shard recorded there is {gap.next_index}. Audio files changed since the first run (a clip "
-            "that failed reads now, or the reverse): write to a new --out, or delete the old one to rebuild"
-        )
-
-
 def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int, timeline: list) -> None:
     """A JSON summary for benchmarks: throughput, the driver's peak memory, and (seconds, clips done) over time."""
     import resource
@@ -611,48 +659,20 @@ def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int, ti
     Path(path).write_text(json.dumps(report, indent=1))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="shards/build.py",
-        description="Turn an audio-caption dataset into WebDataset shards with precomputed Sentence-BERT embeddings "
-        "(on a private local Ray, or on the cluster it is submitted to).",
-    )
-    docs = _field_docs()
-    for f in dataclasses.fields(BuildConfig):
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "required": required}
-        if f.name == "dataset":
-            kwargs["choices"] = DATASETS
-        if f.name == "blacklist":
-            kwargs.update(action="append", default=[], metavar="JSON")
-        elif f.name == "progress_bar":
-            kwargs.update(action=argparse.BooleanOptionalAction, default=True)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            kwargs.update(type=kind, default=None if required else f.default)
-        p.add_argument(flag, **kwargs)
-    return p
+DESCRIPTION = (
+    "Turn an audio-caption dataset into WebDataset shards with precomputed Sentence-BERT embeddings (on a private "
+    "local Ray, or on the cluster it is submitted to)."
+)
 
 
-def _field_docs() -> dict[str, str]:
-    """Each BuildConfig field's docstring (the line after it in the class body), for --help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(BuildConfig))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
-    return docs
+def build_parser():
+    """The command line of `shards/build.py`: one flag per BuildConfig field (`shards/cli.py`)."""
+    return cli.dataclass_parser(BuildConfig, prog="shards/build.py", description=DESCRIPTION)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        cfg = BuildConfig(**vars(args))
+        cfg = cli.parse_dataclass(BuildConfig, build_parser(), argv)
         run(cfg)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, descendants, free_port, pids_mentioning, stop_pids
+from kit import REPO
+from kit.procs import descendants, free_port, pids_mentioning, stop_pids
 
 from relret.shard_format import read_manifest
 

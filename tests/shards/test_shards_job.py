@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import webdataset as wds
-from conftest import REPO, descendants, pids_mentioning, stop_pids
+from kit import REPO
+from kit.procs import descendants, pids_mentioning, stop_pids
 from scipy.signal import resample_poly
 
 from relret import storage
@@ -298,7 +299,7 @@ def test_corrupt_inputs_are_skipped_and_reported(synth_corpus, tmp_path):
     root = _corrupt_corpus(synth_corpus, tmp_path / "in", caption_problems=True)
     args = dict(
         dataset="clotho", captions=str(root / "clotho_captions_development.csv"), audio_dir=str(root / "development"),
-        out=str(tmp_path / "out"), samples_per_shard=6, max_skipped_fraction=0.3,
+        out=str(tmp_path / "out"), samples_per_shard=6, max_skipped_fraction=0.3, max_missing_fraction=0.3,
     )  # fmt: skip
     manifest = _build(**args)
     out_dir = str(tmp_path / "out" / "clotho" / "development")
@@ -317,6 +318,7 @@ def test_corrupt_inputs_are_skipped_and_reported(synth_corpus, tmp_path):
         "clotho_captions_development.csv:29": "clotho_captions_development.csv:29: 3 fields, the header has 6",
     }
     assert manifest.config["skipped_bad_input"] == 8 and manifest.config["clips_total"] == 28
+    assert manifest.config["missing_audio"] == ["missing.wav"] and manifest.config["skipped_missing_audio"] == 1
     assert len({s.key for s in _samples(out_dir)}) == 20
 
 

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, alive, pids_mentioning, stop_pids
+from kit import REPO
+from kit.procs import alive, pids_mentioning, stop_pids
 
 pytestmark = pytest.mark.ray
 

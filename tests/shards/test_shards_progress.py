@@ -3,7 +3,7 @@ import hashlib
 import pytest
 
 from relret.shard_format import ShardInfo, SkippedInput
-from shards import job, progress
+from shards import cursor, job, progress
 from shards.readers import ClipSpec
 
 
@@ -14,7 +14,7 @@ def _record(index, start, end, fingerprint="f"):
 def test_gaps_between_verified_shards():
     """Positions not covered by verified shards are planned in order, each gap knowing its first shard index and the
     shard it must end at."""
-    gap = job._Gap
+    gap = cursor.Gap
     assert job.plan_gaps([], 30) == [gap(0, 30, 0, None)]
     assert job.plan_gaps([_record(0, 0, 10), _record(1, 10, 21)], 30) == [gap(21, 30, 2, None)]
     assert job.plan_gaps([_record(0, 0, 10), _record(3, 25, 30)], 30) == [gap(10, 25, 1, 3)]
