@@ -124,10 +124,21 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (p / CHECKPOINTS).is_dir() or ((p / STATUS_FILE).is_file() and (p / CONFIG_FILE).is_file())
 
 
+def is_command_stage_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds nothing but the status.json of a command stage: the directory a pipeline (the launcher,
+    slurm/lib.sh) made for the command that now writes its output there."""
+    p = Path(path)
+    if sorted(x.name for x in p.iterdir()) != [STATUS_FILE]:
+        return False
+    status = read_status(p)
+    return status is not None and status.kind == "command"
+
+
 def check_output_dir(path: str | os.PathLike, is_own: bool, what: str, overwrite: bool = False) -> None:
     """Refuse an output directory that would mix with or replace something the command did not write.
 
-    Fine: absent, an empty directory, or a previous output of the same command (`is_own`). A file, a training run
+    Fine: absent, an empty directory, a pipeline stage's directory holding only its command status
+    (`is_command_stage_dir`), or a previous output of the same command (`is_own`). A file, a training run
     directory, or any other non-empty directory is refused with a ValueError saying what is there and what to do;
     `overwrite` lets the command write its own files into another non-empty directory (never into a run directory,
     and never replacing the directory itself)."""
@@ -141,7 +152,7 @@ def check_output_dir(path: str | os.PathLike, is_own: bool, what: str, overwrite
             f"--out {p} is a training run directory (it holds {CHECKPOINTS}/ or {STATUS_FILE}); the {what} would mix "
             "with it: choose another --out (--overwrite never writes into a run directory)"
         )
-    if is_own or overwrite or not any(p.iterdir()):
+    if is_own or overwrite or not any(p.iterdir()) or is_command_stage_dir(p):
         return
     raise ValueError(
         f"--out {p} exists and is not a previous {what} (it holds {', '.join(sorted(x.name for x in p.iterdir())[:5])}"

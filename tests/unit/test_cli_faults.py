@@ -264,3 +264,22 @@ def test_identical_saves_write_identical_bytes(world, tmp_path):
     assert len(hashes) == 8 and len(set(hashes.values())) == 1, hashes
     marker = json.loads((world["model0"] / "relret_model.json").read_text())
     assert marker["weights_sha256"] == hashes["this process: save_pretrained"]
+
+
+def test_a_pipeline_stage_directory_is_a_fine_output_directory(tmp_path):
+    """The launcher writes a command stage's status.json into the stage's directory before the command runs: that
+    directory (status of kind "command" and nothing else) takes the command's output; any other file makes it
+    foreign again, and a training status makes it a run directory's kind of status, not a stage's."""
+    from relret.run_dir import check_output_dir, write_status
+
+    stage = tmp_path / "evaluate"
+    stage.mkdir()
+    write_status(stage, "running", kind="command")
+    check_output_dir(stage, False, "evaluation")
+    (stage / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a previous evaluation"):
+        check_output_dir(stage, False, "evaluation")
+    (stage / "notes.txt").unlink()
+    write_status(stage, "running", kind="train")
+    with pytest.raises(ValueError, match="is not a previous evaluation"):
+        check_output_dir(stage, False, "evaluation")
