@@ -13,9 +13,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from relret.config import ConfigError, check_choices, load_config
+from launcher.grid import Axis, CostModel, expand_stages
+from relret.config import (
+    ConfigError,
+    TrainConfig,
+    check_choices,
+    config_differences,
+    load_config,
+    load_saved_config,
+    to_dict,
+)
+from relret.run_dir import CHECKPOINTS, CONFIG_FILE, read_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +127,8 @@ class StageConfig:
     """Where the stage writes (status.json, checkpoints); default RUN_ROOT/NAME."""
     resources: Resources = dataclasses.field(default_factory=Resources)
     """Resources for this stage, over the pipeline's."""
+    only: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    """A stage template's subset of an axis's labels, e.g. {method: [infonce, listnet_audio]} (default: all)."""
 
     @property
     def kind(self) -> Literal["train", "command"]:
@@ -148,9 +160,17 @@ class PipelineConfig:
     local_ranks: int = 2
     """Processes per training stage in local mode (`deepspeed --num_gpus N`, CPU ranks without a GPU)."""
     stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
-    """The stages by name, in any order; dependencies come from `after` and `init_from`."""
+    """The stages by name, in any order; dependencies come from `after` and `init_from`. With a `grid`, a name may
+    hold {axis} placeholders: a template expanded into one stage per combination of labels (launcher/grid.py)."""
+    grid: dict[str, Axis] = dataclasses.field(default_factory=dict)
+    """The experiment grid's axes by name: labels with training overrides, or a training key with its values."""
+    estimate: CostModel = dataclasses.field(default_factory=CostModel)
+    """What the dry run's GPU-hour estimate assumes (FLOPs per sample, MFU, clips per shard directory)."""
 
     def __post_init__(self) -> None:
+        # Stage templates become stages first; everything below checks the expanded stages. `expanded_from` maps each
+        # stage to its template (itself when shared), for the plan; it is no config field, so configs never hold it.
+        self.stages, self.expanded_from = expand_stages(self.stages, self.grid)
         if self.max_restarts < 0:
             raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.local_ranks < 1:
@@ -216,6 +236,28 @@ def absolute(path: str | Path, base: Path | None = None) -> Path:
     """`path` made absolute against `base` (default: the current directory), without resolving links."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else (base or Path.cwd()) / path
+
+
+def changed_config_problems(name: str, run_dir: Path, current: TrainConfig) -> list[str]:
+    """A stage whose run directory already holds a started run (a checkpoint, or completed) with another config is
+    refused before submission, naming the keys, as relret/train.py refuses such a resume (the keys that may change
+    are relret.config.RESUMABLE_CHANGES). A completed run would otherwise be skipped with its old config silently."""
+    saved_path = run_dir / CONFIG_FILE
+    status = read_status(run_dir)
+    started = (run_dir / CHECKPOINTS).is_dir() or (status is not None and status.state == "completed")
+    if not (started and saved_path.is_file()):
+        return []
+    try:
+        saved = load_saved_config(saved_path)
+    except ConfigError as exc:
+        return [f"stages.{name}: {saved_path} does not load ({exc})"]
+    diff = config_differences(to_dict(saved), to_dict(current))
+    if not diff:
+        return []
+    return [
+        f"stages.{name}: run directory {run_dir} was started with another config ({saved_path}); differing keys: "
+        f"{', '.join(diff)}. Use a new run_root (or stages.{name}.run_dir), or the config it was started with"
+    ]
 
 
 def load_pipeline(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from launcher import slurm
-from launcher.config import REPO, PipelineConfig, absolute
+from launcher import grid, slurm
+from launcher.config import REPO, PipelineConfig, absolute, changed_config_problems
 from relret import run_dir as run_contract
 from relret.config import ConfigError, TrainConfig, load_config, to_dict
 from relret.run_dir import EXIT_INTERRUPTED as INTERRUPTED
@@ -156,10 +156,16 @@ def check_inputs(cfg: PipelineConfig) -> None:
                 f"run; enable it or point stages.{parent}.run_dir at a finished run"
             )
         args = stage_args(cfg, name)  # placeholders
-        if stage.kind == "train" and absolute(stage.config).is_file():
+        if stage.kind == "train" and absolute(stage.config).is_file() and uses_relret_training(cfg):
             problems += _training_config_problems(name, args)
     if problems:
         raise ConfigError("the pipeline cannot start:\n  " + "\n  ".join(problems))
+
+
+def uses_relret_training(cfg: PipelineConfig) -> bool:
+    """Whether the training stages run relret/train.py, whose config the launcher can check (another train_script,
+    such as the tests' probe, takes its own arguments)."""
+    return train_script(cfg).resolve() == (REPO / "relret" / "train.py").resolve()
 
 
 def _training_config_problems(name: str, args: list[str]) -> list[str]:
@@ -169,10 +175,36 @@ def _training_config_problems(name: str, args: list[str]) -> list[str]:
     if overrides[:1] == ["--init-from"]:
         overrides = overrides[2:]
     try:
-        load_config(TrainConfig, config, overrides)
+        train_cfg = load_config(TrainConfig, config, overrides)
     except ConfigError as exc:
         return [f"stages.{name}: its training config does not load ({config} with its overrides): {exc}"]
-    return []
+    return changed_config_problems(name, Path(args[3]), train_cfg)
+
+
+def training_config(cfg: PipelineConfig, name: str) -> TrainConfig | None:
+    """A training stage's resolved config as relret/train.py will load it (None for other stages, and for another
+    train_script)."""
+    if cfg.stages[name].kind != "train" or not uses_relret_training(cfg):
+        return None
+    args = stage_args(cfg, name)
+    overrides = args[4:]
+    if overrides[:1] == ["--init-from"]:
+        overrides = overrides[2:]
+    return load_config(TrainConfig, args[1], overrides)
+
+
+def plan_text(cfg: PipelineConfig) -> str:
+    """The dry run's summary: jobs per stage template and the estimated GPU-hours (launcher/grid.py)."""
+    order = [n for n in cfg.order() if cfg.stages[n].enabled]
+
+    def gpus(name: str) -> int:
+        res = cfg.stage_resources(name)
+        return (res.nodes or 1) * (res.gpus_per_node or 0)
+
+    costs = grid.estimate(order, gpus, lambda n: training_config(cfg, n), cfg.expanded_from, cfg.estimate)
+    completed = {n for n in order if is_completed(cfg.run_dir(n))}
+    kinds = {n: cfg.stages[n].kind for n in order}
+    return grid.format_plan(order, cfg.expanded_from, kinds, costs, completed, cfg.estimate)
 
 
 def sbatch_args(cfg: PipelineConfig, name: str, dependencies: list[str]) -> list[str]:
@@ -245,6 +277,9 @@ def submit_pipeline(
             out(f"{name:<20} submitted job {job_id}{after}; log {record['log']}")
         if not dry_run:
             write_json_atomic(root / STATE_FILE, state)
+    if dry_run:
+        out("")
+        out(plan_text(cfg))
     if jobs and not dry_run:
         first_log = state["stages"][next(iter(jobs))]["log"]
         out("")

@@ -6,10 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {
+    "sbert": ("relret.sbert:main", "install, locate and list Sentence-BERT models (`sbert install all-mpnet-base-v2`)"),
     "calibrate": ("relret.calibrate:main", "fit the relevance function's constants to crowdsourced ratings"),
+    "relevance-stats": ("relret.target_stats:main", "how much ListNet's graded targets carry per global batch size"),
     "evaluate": ("relret.evaluate:main", "mAP@10, R@k, hit@k of a model on evaluation shards (both directions)"),
     "table": ("relret.results:main_table", "Table II of several methods' evaluations, mean ± sd over seeds"),
     "compare": ("relret.results:main_compare", "paired t-test of two evaluations on per-query AP@10"),
+    "paper-tables": ("relret.paper:main", "Tables II and III and the relevance ablation from a results tree, t-tests"),
     "index": ("relret.index:main_index", "a faiss index of a collection's audio embeddings"),
     "search": ("relret.index:main_search", "text queries against an index"),
     "export": ("relret.retrieval:main_export", "a self-contained model directory for RetrievalModel.from_pretrained"),
