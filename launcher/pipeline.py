@@ -137,7 +137,7 @@ def stage_env(cfg: PipelineConfig, name: str) -> dict[str, str]:
     return env
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
+def check_inputs(cfg: PipelineConfig, local: bool = False) -> None:
     """Refuse, before anything is submitted, what would only fail later inside a job."""
     problems = []
     enabled = [n for n in cfg.order() if cfg.stages[n].enabled]
@@ -157,9 +157,19 @@ def check_inputs(cfg: PipelineConfig) -> None:
             )
         args = stage_args(cfg, name)  # placeholders
         if stage.kind == "train" and absolute(stage.config).is_file() and uses_relret_training(cfg):
-            problems += _training_config_problems(name, args)
+            config_problems = _training_config_problems(name, args)
+            problems += config_problems
+            if not config_problems:
+                ranks = cfg.local_ranks if local else _ranks(cfg, name)
+                problems += shard_problems(name, training_config(cfg, name), ranks)
     if problems:
         raise ConfigError("the pipeline cannot start:\n  " + "\n  ".join(problems))
+
+
+def _ranks(cfg: PipelineConfig, name: str) -> int:
+    """Training processes of a stage: nodes x GPUs (or tasks) per node on SLURM."""
+    res = cfg.stage_resources(name)
+    return (res.nodes or 1) * (res.gpus_per_node or res.ntasks_per_node or 1)
 
 
 def uses_relret_training(cfg: PipelineConfig) -> bool:
@@ -179,6 +189,39 @@ def _training_config_problems(name: str, args: list[str]) -> list[str]:
     except ConfigError as exc:
         return [f"stages.{name}: its training config does not load ({config} with its overrides): {exc}"]
     return changed_config_problems(name, Path(args[3]), train_cfg)
+
+
+def shard_problems(name: str, train_cfg: TrainConfig, ranks: int) -> list[str]:
+    """What would stop a training stage at its start, read from the manifests of its shard directories that exist
+    already (a pipeline submitted again, or shards built beforehand): fewer shards than readers (ranks x
+    data.num_workers), or Sentence-BERT vectors of another dimension than data.sbert_dim. Directories that do not
+    exist yet (written by an earlier stage) and remote ones are checked by the training itself."""
+    problems, n_shards, known = [], 0, True
+    for source in train_cfg.data.train:
+        manifest = Path(source.path) / "manifest.json"
+        if "://" in source.path or not manifest.is_file():
+            known = False
+            continue
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = False
+            continue
+        n_shards += sum(1 for shard in data.get("shards", []) if shard.get("samples", 0) > 0)
+        dim = data.get("sbert_dim")
+        if dim is not None and dim != train_cfg.data.sbert_dim:
+            problems.append(
+                f"stages.{name}: data.sbert_dim={train_cfg.data.sbert_dim} but {source.path} holds {dim}-dimensional "
+                f"Sentence-BERT vectors ({data.get('sbert_model')}); set data.sbert_dim={dim} or rebuild the shards"
+            )
+    readers = ranks * max(1, train_cfg.data.num_workers)
+    if known and train_cfg.data.train and n_shards < readers:
+        problems.append(
+            f"stages.{name}: {n_shards} training shard(s) for {ranks} rank(s) x {max(1, train_cfg.data.num_workers)} "
+            f"worker(s) = {readers} readers, and every reader needs shards of its own: give the stage fewer GPUs, "
+            "lower data.num_workers, or rebuild the shards smaller (shards/build.py --samples-per-shard)"
+        )
+    return problems
 
 
 def training_config(cfg: PipelineConfig, name: str) -> TrainConfig | None:
@@ -352,7 +395,7 @@ def _write_command_status(run_dir: Path, state: str, exit_code: int | None, pid:
 
 def run_local(cfg: PipelineConfig, out: Print = print) -> int:
     """Run the enabled stages one after another here; skips completed ones. Returns 0, or the failing exit code."""
-    check_inputs(cfg)
+    check_inputs(cfg, local=True)
     root = absolute(cfg.run_root)
     root.mkdir(parents=True, exist_ok=True)
     env = local_env(cfg)

@@ -294,3 +294,29 @@ def test_dry_run_refuses_a_typo_in_one_stages_override_naming_stage_and_key(tmp_
     good = subprocess.run([*cmd, "stages.finetune_clotho.overrides=[train.epochs=3]"], capture_output=True,
                           text=True, cwd=REPO)  # fmt: skip
     assert "stages.finetune_clotho" not in good.stderr, good.stderr
+
+
+def test_stages_whose_shards_would_not_do_are_refused_before_submission(tmp_path):
+    """Shards that exist already are checked against each training stage before anything is submitted: fewer shards
+    than ranks x data.num_workers, or Sentence-BERT vectors of another dimension, are refused naming the stage."""
+    from kit.shards import write_shard_dir
+
+    write_shard_dir(tmp_path / "shards", n_clips=16, per_shard=4)  # 4 shards, 384-d
+    cmd = [sys.executable, "-m", "launcher", "pipeline", "--config", "configs/pipeline.yaml", "--dry-run"]
+    cmd += [f"run_root={tmp_path / 'runs'}", "stages.finetune_audiocaps.enabled=false"]
+    cmd += ["stages.pretrain.enabled=false", f"stages.pretrain.run_dir={tmp_path / 'done'}"]
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "status.json").write_text('{"state": "completed"}')
+    train = f"data.train=[{{path: {tmp_path / 'shards'}}}]"
+
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        stage = f"stages.finetune_clotho.overrides={json.dumps([train, *overrides])}"
+        return subprocess.run([*cmd, stage], capture_output=True, text=True, cwd=REPO)
+
+    few = run("data.sbert_dim=384")
+    assert few.returncode == 2, few.stderr
+    assert "stages.finetune_clotho: 4 training shard(s) for 4 rank(s) x 4 worker(s) = 16 readers" in few.stderr
+    dim = run("data.sbert_dim=768", "data.num_workers=1")
+    assert dim.returncode == 2 and "data.sbert_dim=768 but" in dim.stderr and "384-dimensional" in dim.stderr
+    ok = run("data.sbert_dim=384", "data.num_workers=1")
+    assert "stages.finetune_clotho" not in ok.stderr, ok.stderr
