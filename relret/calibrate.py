@@ -7,7 +7,12 @@ between the query caption and the rated clip's captions, the query's own caption
 so a = -c0 and b = c1.
 
     python -m relret calibrate --ratings ../shared/data/relevance_ratings/development_relevances_joined.csv \
-        --captions ../shared/data/clotho/clotho_captions_development.csv --out calibration.yaml
+        --captions ../shared/data/clotho/clotho_captions_development.csv --out calibration.yaml \
+        --sbert all-mpnet-base-v2      # the paper's model, once `python -m relret sbert install all-mpnet-base-v2`
+
+Captions are looked up by (split, file name): Clotho reuses some file names across splits for different clips (4 in
+v2.1, 12 of the 10,200 ratings), so a rating's clip is the one of the rating's split. A captions file belongs to the
+rated split its name contains (`clotho_captions_validation.csv`), or to the one given as `SPLIT=PATH`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +109,79 @@ def query_clip_similarity(ratings: Sequence[Rating], captions: dict[str, list[st
     return h, len(approximate)
 
 
+def caption_splits(captions_paths: Sequence[str | Path], splits: Sequence[str]) -> dict[str, list[Path]]:
+    """{split: captions files} for the rated `splits`: `SPLIT=PATH` names the split; a bare path belongs to the one
+    split whose name is a word of its file name (`clotho_captions_evaluation.csv`), or, with one rated split, to it.
+    Every rated split must get a file."""
+    by_split: dict[str, list[Path]] = {split: [] for split in splits}
+    for given in map(str, captions_paths):
+        split, sep, rest = given.partition("=")
+        if sep and split and "/" not in split and not Path(given).exists():
+            if split not in by_split:
+                raise ValueError(
+                    f"--captions {given}: no ratings of split {split!r} were given (rated: {', '.join(splits)})"
+                )
+            by_split[split].append(Path(rest))
+            continue
+        path = Path(given)
+        words = set(re.split(r"[^0-9A-Za-z]+", path.stem.lower()))
+        named = [split for split in splits if split.lower() in words]
+        if len(named) == 1:
+            by_split[named[0]].append(path)
+        elif len(splits) == 1:
+            by_split[splits[0]].append(path)
+        else:
+            raise ValueError(
+                f"--captions {given}: its name does not say which rated split ({', '.join(splits)}) its clips belong "
+                f"to; pass it as SPLIT=PATH (e.g. {splits[0]}={given})"
+            )
+    unmatched = [split for split, paths in by_split.items() if not paths]
+    if unmatched:
+        raise ValueError(
+            f"no captions file for the rated split(s) {', '.join(unmatched)}: pass the Clotho captions CSV of every "
+            f"rated split (clotho_captions_{unmatched[0]}.csv, or {unmatched[0]}=PATH)"
+        )
+    return by_split
+
+
+def read_split_captions(files_by_split: dict[str, list[Path]]) -> dict[str, dict[str, list[str]]]:
+    """{split: {file_name: captions}} from `caption_splits`' {split: files}: each split's own caption table."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    for split, paths in files_by_split.items():
+        tables[split] = {}
+        for path in paths:
+            tables[split].update(read_caption_table(path))
+    return tables
+
+
+def split_similarity(
+    ratings: Sequence[Rating], captions: dict[str, dict[str, list[str]]], embed
+) -> tuple[np.ndarray, int]:
+    """`query_clip_similarity` of each rating against its own split's captions (`captions[rating.split]`), every
+    distinct text embedded once; h in the order of `ratings` and the number of revised queries over all splits."""
+    missing_splits = sorted({r.split for r in ratings} - set(captions))
+    if missing_splits:
+        raise ValueError(f"no captions given for the rated split(s) {', '.join(missing_splits)}")
+    texts = sorted(
+        {r.query_text for r in ratings} | {c for r in ratings for c in captions[r.split].get(r.file_name, ())}
+    )
+    vectors = dict(zip(texts, np.asarray(embed(texts), dtype=np.float64))) if texts else {}
+
+    def lookup(batch: Sequence[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in batch])
+
+    h = np.empty(len(ratings))
+    n_approximate = 0
+    for split in sorted({r.split for r in ratings}):
+        idx = [i for i, r in enumerate(ratings) if r.split == split]
+        try:
+            h[idx], n = query_clip_similarity([ratings[i] for i in idx], captions[split], lookup)
+        except ValueError as exc:
+            raise ValueError(f"split {split}: {exc}") from None
+        n_approximate += n
+    return h, n_approximate
+
+
 def squeeze(y: np.ndarray) -> np.ndarray:
     """(y (n-1) + 0.5) / n: maps [0, 1] into (0, 1) so the beta likelihood is finite."""
     n = len(y)
@@ -149,22 +228,25 @@ def calibrate(
     sbert_path: str | None = None,
     embed=None,
 ) -> dict:
-    """Fit (a, b) on all given ratings; report fit quality per split for the fit and for the paper's constants."""
+    """Fit (a, b) on all given ratings; report fit quality per split for the fit and for the paper's constants.
+
+    `sbert_path`: a known model name (`relret.sbert.MODELS`) or a model directory; default all-MiniLM-L6-v2.
+    `embed(texts) -> [n, D]` unit-norm embeddings replaces the model (tests)."""
     from relret import sbert
 
-    ratings = [r for p in ratings_paths for r in read_ratings(p)]
-    captions: dict[str, list[str]] = {}
-    for p in captions_paths:
-        captions.update(read_caption_table(p))
     if embed is None:
+        sbert_dir = sbert.resolve_sbert(sbert_path)  # a missing model fails here, before any work
 
         def embed(texts):  # the model is loaded only once the inputs have been checked
-            return sbert.embed_captions(sbert.load_sbert(sbert_path), texts)
+            return sbert.embed_captions(sbert.load_sbert(sbert_dir), texts, progress=True)
 
-    h, n_approximate = query_clip_similarity(ratings, captions, embed)
+    ratings = [r for p in ratings_paths for r in read_ratings(p)]
+    splits = sorted({r.split for r in ratings})
+    caption_files = caption_splits(captions_paths, splits)
+    captions = read_split_captions(caption_files)
+    h, n_approximate = split_similarity(ratings, captions, embed)
     y = np.array([r.rating / RATING_SCALE for r in ratings])
     fit = fit_beta_regression(h, y)
-    splits = sorted({r.split for r in ratings})
     quality = {}
     for split in [*splits, "all"] if len(splits) > 1 else splits:
         sel = np.array([split in ("all", r.split) for r in ratings])
@@ -180,6 +262,7 @@ def calibrate(
         "queries_matched_to_a_revised_caption": n_approximate,
         "fit": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fit.items()},
         "ratings": [str(p) for p in ratings_paths],
+        "captions": {split: [str(p) for p in paths] for split, paths in caption_files.items()},
         "quality": quality,
     }
 
@@ -217,13 +300,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ratings", nargs="+", required=True, help="joined ratings CSV(s) (relevance_ratings/*_joined.csv)"
     )
-    parser.add_argument("--captions", nargs="+", required=True, help="Clotho captions CSV(s) of the rated splits")
-    parser.add_argument("--sbert", default=None, help="local Sentence-BERT model directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--captions",
+        nargs="+",
+        required=True,
+        help="Clotho captions CSV of each rated split (its name holds the split's name, or pass SPLIT=PATH)",
+    )
+    parser.add_argument(
+        "--sbert",
+        default=None,
+        help="Sentence-BERT model: a known name (all-MiniLM-L6-v2, the default; all-mpnet-base-v2, the paper's, after "
+        "`python -m relret sbert install all-mpnet-base-v2`) or a local sentence-transformers directory",
+    )
     parser.add_argument("--out", required=True, help="YAML to write (top-level a, b), usable as relevance.calibration")
     args = parser.parse_args(argv)
     try:
         result = calibrate(args.ratings, args.captions, args.sbert)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 2
     write_yaml_atomic(args.out, result)

