@@ -321,5 +321,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     write_yaml_atomic(args.out, result)
     print(format_report(result))
-    print(f"wrote {args.out}; use it with `loss.relevance.calibration={args.out}`")
+    print(f"wrote {args.out}; use it with `loss.listnet.relevance.calibration={args.out}`")
     return 0
