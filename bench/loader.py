@@ -1,0 +1,218 @@
+"""Training-stream throughput per CPU core against the ceiling of decoding the same crops alone, side by side.
+
+    .venv/bin/python bench/loader.py                          # ~1-2 min on 2 cores: both shapes, 1 and 2 workers
+    .venv/bin/python bench/loader.py --batches 24 --clotho-clips 96 --wavcaps-clips 64 --workers 1 2 4
+
+For each corpus shape (synthetic shards written with tests/kit/shards.py into a temporary directory):
+- clotho: clips of 15-30 s with 1-5 captions (the shard kit cycles the count; Clotho has 5);
+- wavcaps: clips of 60-120 s with one caption (shards that keep long clips, so that each epoch crops afresh),
+three things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
+- stream: relret.data.TrainStream through make_loader with 1, 2, ... DataLoader workers, as training runs it (tar
+  read, json, FLAC decode of the crop only, Sentence-BERT vectors, collate); clips/s over the batches after the first
+  (the shuffle buffer's fill and the workers' start are left out), and that rate per worker;
+- crop (the ceiling): the same clips' FLAC bytes already in RAM, one process, `flac_frames` + `crop_window` +
+  `decode_flac_window`: what a core could do if reading, parsing and collating cost nothing;
+- whole: the same, decoding the whole clip then slicing (`shard_format.decode_flac`: the decode the crop replaced).
+Printed ratios: stream per worker / crop ceiling (wall: what a worker delivers, sharing the cores with the other
+workers and the main process; per worker CPU second: what the rest of the stream costs besides the decode), and
+crop / whole (what decoding only the window gains). Clips/s counts training samples: with data.epoch_unit caption
+(the paper's setting, the default here) a clip is decoded once per caption, each with a crop of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from relret import shard_format  # noqa: E402
+from relret.config import DataConfig, ShardSource  # noqa: E402
+from relret.flac_crop import crop_window, decode_flac_window, flac_frames  # noqa: E402
+
+SR = shard_format.SAMPLE_RATE_HZ
+
+SHAPES = {
+    # name: (clip durations in seconds, cycled over the clips; most captions per clip)
+    "clotho": ((15.0, 18.0, 21.0, 24.0, 27.0, 30.0), 5),
+    "wavcaps": ((60.0, 75.0, 90.0, 105.0, 120.0), 1),
+}
+
+
+def write_corpus(root: Path, shape: str, n_clips: int, per_shard: int, seed: int = 0) -> Path:
+    """A shard directory of `n_clips` synthetic clips of the given shape (tests/kit/shards.py's writer)."""
+    from kit.shards import write_shard_dir
+
+    durations_s, max_captions = SHAPES[shape]
+    out = root / shape
+    write_shard_dir(
+        out,
+        dataset=shape,
+        n_clips=n_clips,
+        per_shard=per_shard,
+        durations_s=durations_s,
+        max_captions=max_captions,
+        seed=seed,
+    )
+    return out
+
+
+def flac_in_memory(shard_dir: Path) -> list[tuple[bytes, int]]:
+    """(FLAC bytes, captions) of every clip of a shard directory, read into RAM with tarfile."""
+    out = []
+    for shard in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".flac"):
+                meta = members[name[: -len("flac")] + shard_format.META_EXT]
+                out.append((data, len(json.loads(meta)["captions"])))
+    if not out:
+        raise RuntimeError(f"no .flac member in the shards of {shard_dir}")
+    return out
+
+
+def decode_rate(clips: list[tuple[bytes, int]], crop_s: float, whole: bool, per_caption: bool, rounds: int) -> float:
+    """Training samples per CPU second of this process decoding one crop per sample (median of `rounds` passes):
+    the window only, or (`whole`) the whole clip then a slice."""
+    crop_frames = round(crop_s * SR)
+    rates = []
+    for r in range(rounds):
+        rng = np.random.default_rng(r)
+        n = 0
+        cpu = time.process_time()
+        for data, captions in clips:
+            for _ in range(captions if per_caption else 1):
+                start, length = crop_window(flac_frames(data), crop_frames, rng)
+                if whole:
+                    shard_format.decode_flac(data)[0][start : start + length]
+                else:
+                    decode_flac_window(data, start, length)
+                n += 1
+        rates.append(n / max(time.process_time() - cpu, 1e-9))
+    return statistics.median(rates)
+
+
+def data_config(shard_dir: Path, crop_s: float, workers: int, args: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        train=[ShardSource(path=str(shard_dir))],
+        sbert_dim=384,
+        crop_s=crop_s,
+        num_workers=workers,
+        prefetch_factor=args.prefetch_factor,
+        epoch_unit=args.epoch_unit,
+        # small: a buffer of 1,000 WavCaps-shaped samples would hold gigabytes of FLAC bytes per worker
+        shuffle_buffer=args.shuffle_buffer,
+        shuffle_initial=min(args.shuffle_buffer, 16),
+    )
+
+
+def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batches: int, args) -> dict:
+    """Clips/s of the real training stream with `workers` DataLoader workers, over the batches after the first, and
+    clips per worker CPU second over the whole run (start included; the workers' CPU time, read when they end)."""
+    from relret.data import TrainStream, make_loader, open_shard_dir
+
+    cfg = data_config(shard_dir, crop_s, workers, args)
+    sets = [open_shard_dir(str(shard_dir), cfg.sbert_dim)]
+    if len(sets[0].urls) < max(workers, 1):
+        raise ValueError(f"{len(sets[0].urls)} shard(s) in {shard_dir} for {workers} workers: write smaller shards")
+    stream = TrainStream(
+        sets, cfg, seed=0, epoch=0, rank=0, world_size=1, batch_size=batch, batches=batches + 1, start=None
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    clips, t_first = 0, None
+    with make_loader(stream, cfg) as loader:
+        for i, b in enumerate(loader):
+            if i == 0:
+                t_first = time.perf_counter()
+            else:
+                clips += len(b)
+        t_end = time.perf_counter()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    rate = clips / (t_end - t_first)
+    return {
+        "workers": workers,
+        "clips_per_s": rate,
+        "per_worker": rate / max(workers, 1),
+        "per_worker_cpu_s": (clips + batch) / worker_cpu_s if workers and worker_cpu_s > 0 else None,
+    }
+
+
+def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) -> dict:
+    per_shard = max(1, n_clips // max(max(args.workers), 1) // 2)
+    shard_dir = write_corpus(root, shape, n_clips, per_shard)
+    clips = flac_in_memory(shard_dir)
+    per_caption = args.epoch_unit == "caption"
+    out = {
+        "shape": shape,
+        "clip_s": statistics.mean(flac_frames(d) for d, _ in clips) / SR,
+        "mb_per_clip": statistics.mean(len(d) for d, _ in clips) / 1e6,
+        "crop": decode_rate(clips, args.crop_s, whole=False, per_caption=per_caption, rounds=args.rounds),
+        "whole": decode_rate(clips, args.crop_s, whole=True, per_caption=per_caption, rounds=args.rounds),
+        "streams": [stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args) for w in args.workers],
+    }
+    return out
+
+
+def print_shape(r: dict, crop_s: float) -> None:
+    print(
+        f"{r['shape']}: clips of {r['clip_s']:.0f} s on average ({r['mb_per_clip']:.2f} MB FLAC), crop {crop_s:g} s; "
+        "clips/s are training samples per second"
+    )
+    print(
+        f"  decode from RAM, one core:  crop {r['crop']:7.1f} clips/CPU-s (the ceiling)   whole clip then slice "
+        f"{r['whole']:7.1f}   crop / whole = {r['crop'] / r['whole']:.2f}x"
+    )
+    for s in r["streams"]:
+        cpu, cpu_ratio = "n/a", ""
+        if s["per_worker_cpu_s"]:
+            cpu = f"{s['per_worker_cpu_s']:6.1f} clips/worker-CPU-s"
+            cpu_ratio = f", per worker-CPU-s / ceiling = {s['per_worker_cpu_s'] / r['crop']:.2f}"
+        print(
+            f"  stream, {s['workers']} worker(s):  {s['clips_per_s']:7.1f} clips/s  {s['per_worker']:7.1f} per worker "
+            f"({cpu})   per worker / ceiling = {s['per_worker'] / r['crop']:.2f}{cpu_ratio}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--clotho-clips", type=int, default=48)
+    p.add_argument("--wavcaps-clips", type=int, default=32)
+    p.add_argument("--crop-s", type=float, default=DataConfig.crop_s, help="crop length (data.crop_s)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to run")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--batches", type=int, default=8, help="timed batches per stream run (after one untimed)")
+    p.add_argument("--rounds", type=int, default=3, help="passes of the in-memory decodes (median)")
+    p.add_argument("--epoch-unit", choices=("clip", "caption"), default="caption")
+    p.add_argument("--shuffle-buffer", type=int, default=64)
+    p.add_argument("--prefetch-factor", type=int, default=2)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    print(
+        f"relret.data TrainStream via make_loader against decoding alone; epoch unit {args.epoch_unit}, batch "
+        f"{args.batch}, {args.batches} timed batches per run",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="relret-bench-loader-") as tmp:
+        for shape in args.shapes:
+            n = args.clotho_clips if shape == "clotho" else args.wavcaps_clips
+            print_shape(bench_shape(Path(tmp), shape, n, args), args.crop_s)
+            sys.stdout.flush()
+    print(f"total {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
