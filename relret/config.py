@@ -466,13 +466,26 @@ class AudioEncoderConfig:
     n_fft: int = 1024
     """FFT size."""
     freq_mask: int = 0
-    """Training-time SpecAugment frequency mask width (0: off)."""
+    """Training-time SpecAugment frequency mask width (hear21passt's `freqm`; 0: off)."""
     time_mask: int = 0
-    """Training-time SpecAugment time mask width (0: off)."""
+    """Training-time SpecAugment time mask width (hear21passt's `timem`; 0: off)."""
+    fmin: float = 0.0
+    """Lowest mel filter edge in Hz (hear21passt's `fmin`)."""
+    fmax: float | None = 16000.0
+    """Highest mel filter edge in Hz; null: hear21passt's default, 16000 - fmax_aug_range / 2 (15000 Hz with the
+    range of 2000 that the AudioSet PaSST checkpoints were trained with)."""
+    fmin_aug_range: int = 1
+    """In training, fmin is raised by a random 0 .. fmin_aug_range - 1 Hz per batch (hear21passt; 1: no shift; the
+    PaSST checkpoints were trained with 10). Evaluation always uses fmin."""
+    fmax_aug_range: int = 1
+    """In training, fmax moves by a random -fmax_aug_range/2 .. +fmax_aug_range/2 Hz per batch (1: no shift; the PaSST
+    checkpoints: 2000). Evaluation always uses fmax."""
     s_patchout_t: int = 0
-    """Structured patchout: time columns dropped in training (PaSST's regulariser and speed-up; 0: off)."""
+    """Structured patchout: time columns of the patch grid dropped per window in training, none in evaluation
+    (PaSST's regulariser and speed-up; 0: off; the authors: 15 of 62)."""
     s_patchout_f: int = 0
-    """Structured patchout: frequency rows dropped in training (0: off)."""
+    """Structured patchout: frequency rows of the patch grid dropped in training, none in evaluation (0: off; the
+    authors: 2 of 8)."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate."""
     weights: str | None = None
@@ -488,6 +501,16 @@ class AudioEncoderConfig:
             )
         if not self.window_s > 0:
             raise ConfigError(f"model.audio.window_s must be > 0, got {self.window_s}")
+        for key in ("freq_mask", "time_mask", "s_patchout_t", "s_patchout_f"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.audio.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("fmin_aug_range", "fmax_aug_range"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.audio.{key} must be >= 1 (1: no random shift), got {getattr(self, key)}")
+        if self.fmin < 0 or (self.fmax is not None and not self.fmax > self.fmin):
+            raise ConfigError(
+                f"model.audio.fmin={self.fmin} and model.audio.fmax={self.fmax}: need 0 <= fmin < fmax (or fmax null)"
+            )
         frames = self.window_samples // self.hop_length
         if self.input_tdim > frames + 1 or self.input_tdim < self.patch_size:
             raise ConfigError(
@@ -531,19 +554,38 @@ class TextEncoderConfig:
     """Captions are cut to this many tokens, special tokens included."""
     pooling: Literal["cls", "mean"] = "cls"
     """cls: the first token's output; mean: the mean over non-padding tokens."""
-    dropout: float | None = None
-    """Hidden and attention dropout inside RoBERTa; null: the pretrained model's own (0.1; also for random_init)."""
+    hidden_dropout: float = 0.1
+    """RoBERTa's hidden_dropout_prob (embeddings, attention output, feed-forward); roberta-large's own is 0.1, the
+    authors trained with 0.2."""
+    attention_dropout: float = 0.1
+    """RoBERTa's attention_probs_dropout_prob (on the attention weights); roberta-large: 0.1, the authors: 0.2."""
 
     def __post_init__(self) -> None:
         check_choices(self, "model.text")
         if self.max_tokens < 3:
             raise ConfigError(f"model.text.max_tokens must be >= 3, got {self.max_tokens}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.text.dropout must be in [0, 1) or null, got {self.dropout}")
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"model.text.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.random_init and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.text.hidden_size={self.hidden_size} must be divisible by model.text.num_heads={self.num_heads}"
             )
+
+    @classmethod
+    def _from_config(cls, data: Mapping[str, Any], prefix: str) -> TextEncoderConfig:
+        # `dropout` (one value for both, null: the model's own 0.1) is the layout of configs saved before the two
+        # fields existed; it still reads, as both of them.
+        if "dropout" not in data:
+            return _build(cls, data, prefix)
+        data = dict(data)
+        legacy = data.pop("dropout")
+        for key in ("hidden_dropout", "attention_dropout"):
+            if key in data:
+                raise ConfigError(f"{prefix}.dropout and {prefix}.{key} are both set; keep {prefix}.{key}")
+            if legacy is not None:
+                data[key] = legacy
+        return _build(cls, data, prefix)
 
 
 @dataclasses.dataclass
@@ -604,15 +646,22 @@ class DataConfig:
     max_captions: int = 5
     """Captions per clip kept for the mean/max relevance variants (clip_sbert [B, C, D]); extra ones are dropped."""
     shuffle_buffer: int = 1000
-    """Samples held by each worker's shuffle buffer (1: no shuffling)."""
+    """Samples held by each worker's shuffle buffer (1: no shuffling). With epoch_unit caption a sample is one caption
+    of a clip, and the captions of a clip share its audio bytes: the buffer holds buffer / captions-per-clip clips."""
     shuffle_initial: int = 100
     """Samples collected before the shuffle buffer starts yielding."""
     num_workers: int = 4
     """DataLoader worker processes per rank (0: read in the training process)."""
     prefetch_factor: int = 4
     """Batches prefetched per worker."""
+    epoch_unit: Literal["clip", "caption"] = "clip"
+    """What an epoch goes through once (in expectation: shards are drawn with replacement). clip: every clip, each
+    time with one random caption of its own; caption: every caption of every clip, each as its own sample with a
+    fresh random crop of its clip (the authors': a Clotho epoch is 5 x 3,839 = 19,195 samples). The caption totals
+    are counted in the shards' json members when training starts."""
     samples_per_epoch: int | None = None
-    """Training samples per epoch; null: the training sources' sample total from their manifests."""
+    """Training samples per epoch; null: the training sources' total of `epoch_unit`s (clips from the manifests, or
+    the captions counted in the shards)."""
     val_batch_size: int = 32
     """Clips per validation batch."""
     max_damaged_fraction: float = 0.25
@@ -620,6 +669,7 @@ class DataConfig:
     `relret.data.MIN_READS_FOR_DAMAGE_LIMIT` of them) were damaged; 1: never."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "data")
         for key in ("sbert_dim", "max_captions", "shuffle_buffer", "shuffle_initial", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
@@ -642,30 +692,41 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (the authors': 1 epoch linear warm-up, then cosine 2e-5 -> 1e-7)."""
+    """AdamW and the learning-rate schedule, set per optimizer step (relret.schedule): a linear warm-up, a cosine from
+    `lr` to `min_lr`, then `min_lr` (the authors: warm-up 1 epoch, cosine 2e-5 -> 1e-7 until epoch 20 of 25)."""
 
     lr: float = 2e-5
     """Peak learning rate, reached at the end of the warm-up."""
     min_lr: float = 1e-7
-    """Learning rate of the last step (end of the cosine)."""
+    """The floor: where the cosine ends, kept until the end of training."""
     warmup_epochs: float = 1.0
     """Linear warm-up length in epochs."""
+    decay_end_epoch: float | None = None
+    """Epoch at which the cosine reaches min_lr, which then holds to the end: the authors' curve, the learning rate
+    of step u being theirs at epoch (u + 1) / steps_per_epoch (xieh97/text-audio-retrieval utils/optim_utils.py;
+    the authors: 20). null: the cosine ends at the last step (relret's earlier curve, whose cosine starts one step
+    later than in the authors' form)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; null (or 0): no clipping (the authors clip nothing)."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"optim.lr must be > 0 and optim.min_lr in [0, lr], got {self.lr} and {self.min_lr}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        if self.decay_end_epoch is not None and not self.decay_end_epoch > self.warmup_epochs:
+            raise ConfigError(
+                f"optim.decay_end_epoch={self.decay_end_epoch} must be later than optim.warmup_epochs="
+                f"{self.warmup_epochs} (or null: the cosine ends with training)"
+            )
+        if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip < 0):
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 (grad_clip null: no clipping)")
 
 
 @dataclasses.dataclass
@@ -680,8 +741,9 @@ class RunConfig:
     """Micro-batches per optimizer step and rank. The loss's batch is one micro-batch gathered over the ranks."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage (3 is not offered: validation runs on uneven per-rank data, which stage 3 cannot)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay float32."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU; fp16: fp16 autocast with dynamic loss scaling (a GradScaler), what
+    the authors trained with, CUDA only and with zero_stage 0. Weights and optimizer state stay float32 throughout."""
     seed: int = 0
     """Seed of the model initialisation and of the data order (per epoch: relret.data.epoch_seed)."""
     checkpoint_every_steps: int = 1000
@@ -693,7 +755,8 @@ class RunConfig:
     val_every_epochs: int = 1
     """Validate after every this many epochs (and after the last)."""
     best_metric: str = "t2a/mAP@10"
-    """Validation metric that selects checkpoints/best (higher is better)."""
+    """Validation metric that selects checkpoints/best (higher is better; as salsa's mAP@10 monitor, where the xieh97
+    code keeps the epoch of lowest validation loss)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0 when stderr is a terminal (in log files the one line per step is the progress)."""
     dist_timeout_s: float = 1800.0
@@ -706,6 +769,14 @@ class RunConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.keep_checkpoints < 1 or self.val_every_epochs < 1:
             raise ConfigError("train.keep_checkpoints and train.val_every_epochs must be >= 1")
+        if self.precision == "fp16" and self.zero_stage != 0:
+            # DeepSpeed's ZeRO 1/2 optimizers skip a step whose gradients overflowed without telling the GradScaler,
+            # so a loss scale that is too high never comes down (tested in tests/unit/test_train.py).
+            raise ConfigError(
+                f"train.precision=fp16 needs train.zero_stage=0, got {self.zero_stage}: DeepSpeed's ZeRO 1/2 optimizers "
+                "skip an overflowing step without lowering the loss scale. Set train.zero_stage=0 (the model fits one "
+                "GPU), or use train.precision=bf16"
+            )
         direction, _, metric = self.best_metric.partition("/")
         if direction not in RETRIEVAL_DIRECTIONS or metric not in SELECTION_METRICS:
             raise ConfigError(

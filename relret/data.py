@@ -3,12 +3,15 @@
 Training (`TrainStream`): every epoch has its own shard sequence, drawn with replacement from all training sources
 with a seed shared by every rank (`epoch_seed(seed, epoch)`); position i of that sequence goes to stream
 i mod (ranks x workers), so ranks and DataLoader workers read disjoint shard draws and together read exactly the
-sequence one process would read. Samples pass a shuffle buffer; each clip then gets one random caption (with its
+sequence one process would read. What a training sample is depends on `data.epoch_unit`: a clip with one random
+caption of its own ("clip"), or, with "caption", one caption of a clip: every clip read is repeated once per caption
+before the shuffle buffer (the copies share its bytes), so an epoch holds every caption once in expectation, as the
+authors' datasets of len(clips) x 5 items. Samples pass a shuffle buffer; each then gets its caption (with its
 Sentence-BERT vector, plus all of the clip's vectors for the mean/max relevance variants) and a random crop, drawn
 from a generator seeded by the sample's place in the epoch's sequence, so the choice does not depend on how the
 sequence was split. Several sources mix with weights: a shard of source d is drawn with probability proportional
-to w_d / N_d (N_d samples in d), which makes d's expected share of training samples w_d / sum(w); without weights
-every sample is equally likely (the sources concatenated).
+to w_d / N_d (N_d samples in d: clips, or captions with epoch_unit caption), which makes d's expected share of
+training samples w_d / sum(w); without weights every sample is equally likely (the sources concatenated).
 
 Each worker yields whole micro-batches, in the DataLoader's round-robin order (batch i of the epoch comes from
 worker i mod n), and stops after its share of the epoch. A batch carries its worker's position (batches made, raw samples read); a checkpoint stores the positions
@@ -31,9 +34,11 @@ them with `ValStream`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -58,11 +63,16 @@ class ShardSet:
     weight: float | None
     urls: list[str]
     samples: list[int]
+    """Clips per shard (the manifest's counts)."""
     manifest: shard_format.Manifest
+    epoch_samples: list[int] | None = None
+    """Training samples per shard in one epoch when they are not its clips: its captions (data.epoch_unit caption,
+    `count_captions`); None: its clips."""
 
     @property
     def total_samples(self) -> int:
-        return sum(self.samples)
+        """Training samples of one epoch of this source: its clips, or its captions with data.epoch_unit caption."""
+        return sum(self.samples if self.epoch_samples is None else self.epoch_samples)
 
 
 def open_shard_dir(path: str, sbert_dim: int | None, weight: float | None = None, what: str = "data.train") -> ShardSet:
@@ -98,7 +108,8 @@ def open_shard_dir(path: str, sbert_dim: int | None, weight: float | None = None
 
 
 def open_train_sources(cfg: DataConfig, world_size: int) -> list[ShardSet]:
-    """All training sources, checked; there must be at least as many shards as ranks x workers."""
+    """All training sources, checked; there must be at least as many shards as ranks x workers. With
+    data.epoch_unit caption, each shard's captions are counted (`count_captions`)."""
     if not cfg.train:
         raise ConfigError("data.train is empty: name at least one shard directory (data.train=[{path: DIR}])")
     sets = [open_shard_dir(s.path, cfg.sbert_dim, s.weight) for s in cfg.train]
@@ -109,7 +120,57 @@ def open_train_sources(cfg: DataConfig, world_size: int) -> list[ShardSet]:
             f"{n_shards} training shard(s) for {world_size} rank(s) x {max(1, cfg.num_workers)} worker(s) = {streams} "
             "readers: every reader needs shards of its own. Write more, smaller shards, or lower data.num_workers"
         )
+    if cfg.epoch_unit == "caption":
+        for s in sets:
+            t_start = time.perf_counter()
+            s.epoch_samples = count_captions(s.urls)
+            if not s.total_samples:
+                raise ValueError(f"data.epoch_unit=caption: no caption could be counted in the shards of {s.path}")
+            if _is_main():
+                print(
+                    f"relret.data: data.epoch_unit=caption: {s.total_samples} captions of {sum(s.samples)} clips in "
+                    f"{s.path} (counted in {len(s.urls)} shard(s), {time.perf_counter() - t_start:.1f} s)",
+                    flush=True,
+                )
     return sets
+
+
+def _is_main() -> bool:
+    from relret.distributed import read_world  # before any process group: the environment says which rank this is
+
+    return read_world().rank == 0
+
+
+COUNT_THREADS = 16
+"""Shards read at once when counting captions (the reads wait on the file system or S3, not on the CPU)."""
+
+
+def count_captions(urls: Sequence[str]) -> list[int]:
+    """The captions in each shard: the sum of its json members' caption counts. Only tar headers and json members are
+    read: the audio and vector members are seeked over in a local file (streamed past on S3). A shard that cannot be
+    read to its end counts the captions before the damage (training skips the rest of it too), with a warning."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(COUNT_THREADS, len(urls)))) as pool:
+        return list(pool.map(_count_shard_captions, urls))
+
+
+def _count_shard_captions(url: str) -> int:
+    import tarfile
+
+    suffix = "." + shard_format.META_EXT
+    count = 0
+    try:
+        with storage.open_read(url) as fh:
+            with tarfile.open(fileobj=fh, mode="r:" if fh.seekable() else "r|") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(suffix):
+                        count += len(json.loads(tar.extractfile(member).read())["captions"])
+    except (OSError, EOFError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"relret.data: WARNING: counting captions in {url} stopped at {count}: {exc}", file=sys.stderr, flush=True
+        )
+    return count
 
 
 def open_val_sources(cfg: DataConfig) -> list[ShardSet]:
@@ -126,8 +187,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def shard_probabilities(sets: Sequence[ShardSet]) -> tuple[list[str], np.ndarray]:
-    """All shard urls and their draw probabilities: proportional to w_d / N_d for a shard of source d (w_d = N_d
-    when the source has no weight)."""
+    """All shard urls and their draw probabilities: proportional to w_d / N_d for a shard of source d (N_d its
+    training samples, `ShardSet.total_samples`; w_d = N_d when the source has no weight)."""
     urls, probs = [], []
     for s in sets:
         weight = s.total_samples if s.weight is None else s.weight
@@ -345,6 +406,21 @@ def collate(clips: Sequence[_Clip], max_captions: int) -> Batch:
     )
 
 
+CAPTION_INDEX = "__caption__"
+
+
+def _per_caption(raw_samples: Iterator[dict]) -> Iterator[dict]:
+    """Each raw sample once per caption, tagged with the caption's index (`CAPTION_INDEX`); the copies share the
+    sample's bytes. A sample whose json does not read passes once, and its decoding counts it as bad."""
+    for raw in raw_samples:
+        try:
+            n = len(json.loads(raw[shard_format.META_EXT])["captions"])
+        except (KeyError, TypeError, ValueError):
+            n = 1
+        for caption in range(max(n, 1)):
+            yield {**raw, CAPTION_INDEX: caption}
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -408,12 +484,17 @@ class TrainStream(IterableDataset):
         self.batch_size, self.batches = batch_size, batches
         self.start = start or {}
         self.crop_samples = int(round(cfg.crop_s * shard_format.SAMPLE_RATE_HZ))
+        self.per_caption = cfg.epoch_unit == "caption"
 
     def _clip(self, raw: dict) -> _Clip:
         sample = _decode(raw, self.cfg.sbert_dim)
         position, index = raw["__pos__"]
-        rng = np.random.default_rng([self.epoch_seed, position, index])
-        pick = int(rng.integers(len(sample.meta.captions)))
+        if self.per_caption:  # the caption is given; each caption of the clip gets a crop of its own
+            pick = raw[CAPTION_INDEX]
+            rng = np.random.default_rng([self.epoch_seed, position, index, pick])
+        else:
+            rng = np.random.default_rng([self.epoch_seed, position, index])
+            pick = int(rng.integers(len(sample.meta.captions)))
         start, length = crop_window(sample.frames, self.crop_samples, rng)
         return _Clip(
             key=sample.key,
@@ -442,9 +523,10 @@ class TrainStream(IterableDataset):
         reads = [0]
         shards = islice(shard_sequence(self.urls, self.probs, self.epoch_seed), stream, None, n_streams)
         shuffle_rng = random.Random(epoch_seed(self.epoch_seed, stream))
-        raw = wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=shuffle_rng)(
-            _raw_samples(shards, shard_damage, self.expected, reads)
-        )
+        samples = _raw_samples(shards, shard_damage, self.expected, reads)
+        if self.per_caption:
+            samples = _per_caption(samples)
+        raw = wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=shuffle_rng)(samples)
         raw_pos = pos.raw_pos
         for _ in islice(raw, raw_pos):  # resume: read past what the interrupted run consumed, without decoding
             pass

@@ -5,10 +5,11 @@
 
 One optimizer step (`train_step`): `grad_accum_steps` micro-batches per rank; each micro-batch's loss is computed
 over the global micro-batch gathered from every rank (the registered loss, `relret.losses`); DeepSpeed averages the
-gradients, clips them and steps AdamW with the warm-up + cosine schedule. The loop logs whatever parts the loss
-returns. Validation runs after every `val_every_epochs` epochs; the checkpoint with the best validation metric is
-kept beside the newest ones. Everything a resume needs is a registered checkpoint part (`relret.checkpoint`):
-DeepSpeed's engine, the model package, the `TrainState`, and per rank the RNG states and the stream positions.
+gradients (loss-scaled in fp16), clips them if optim.grad_clip is set and steps AdamW with the schedule of
+`relret.schedule`. The loop logs whatever parts the loss returns. Validation runs after every `val_every_epochs`
+epochs; the checkpoint with the best validation metric is kept beside the newest ones. Everything a resume needs is a
+registered checkpoint part (`relret.checkpoint`): DeepSpeed's engine, the model package, the `TrainState`, the fp16
+loss scaler, and per rank the RNG states and the stream positions.
 
 Signals: SIGTERM or SIGUSR1 on any rank makes every rank stop at the next step boundary after a complete checkpoint
 (exit 75). Failures exit 1 on every rank that sees them, with status "failed", after the data loaders' workers are
@@ -53,7 +54,7 @@ from relret.schedule import WarmupCosine
 
 @dataclasses.dataclass
 class Plan:
-    """What the config means for this world: batch split, epoch length, schedule."""
+    """What the config means for this world: batch split, epoch length, schedule, precision."""
 
     world_size: int
     micro_batch_size: int
@@ -61,29 +62,66 @@ class Plan:
     total_steps: int
     warmup_steps: int
     samples_per_epoch: int
+    precision: str = "fp32"
+    """What train.precision resolves to here: "fp32", "bf16" or "fp16" (autocast dtypes; weights stay float32)."""
+    decay_end_steps: int | None = None
+    """optim.decay_end_epoch in steps (the cosine's end, then min_lr); None: the cosine ends at the last step."""
 
 
-def make_plan(cfg: TrainConfig, world_size: int, total_train_samples: int) -> Plan:
+def resolve_precision(precision: str, device_type: str) -> str:
+    """train.precision on this device: auto is bf16 on CUDA and fp32 elsewhere; fp16 is refused without CUDA."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            f"train.precision=fp16 needs a CUDA GPU (fp16 autocast with loss scaling), but this process runs on "
+            f"{device_type}; use train.precision=fp32 or bf16 here"
+        )
+    return precision
+
+
+def make_plan(cfg: TrainConfig, world_size: int, total_train_samples: int, device_type: str | None = None) -> Plan:
+    """`total_train_samples`: the training sources' samples of one epoch (clips or captions, data.epoch_unit);
+    `device_type`: where training runs (default: "cuda" when torch sees a GPU, else "cpu")."""
     per_micro = world_size * cfg.train.grad_accum_steps
     if cfg.train.global_batch_size % per_micro:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {world_size} rank(s) x "
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}; choose a multiple of {per_micro}"
         )
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.train.precision, device_type)
     samples = cfg.data.samples_per_epoch or total_train_samples
     steps = steps_per_epoch(samples, cfg.train.global_batch_size)
     total = steps * cfg.train.epochs
     warmup = min(total, int(round(cfg.optim.warmup_epochs * steps)))
-    return Plan(world_size, cfg.train.global_batch_size // per_micro, steps, total, warmup, samples)
+    end = cfg.optim.decay_end_epoch
+    decay_end = None if end is None else int(round(end * steps))
+    return Plan(
+        world_size, cfg.train.global_batch_size // per_micro, steps, total, warmup, samples, precision, decay_end
+    )
 
 
-def deepspeed_config(cfg: TrainConfig, plan: Plan, bf16: bool) -> dict[str, Any]:
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def deepspeed_config(cfg: TrainConfig, plan: Plan, bf16: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, in `plan.precision` (`bf16` True/False: bf16 autocast or fp32 instead, for
+    benchmarks and tests).
+
+    Mixed precision is torch autocast inside DeepSpeed ("torch_autocast"), not DeepSpeed's "bf16"/"fp16" engines:
+    weights, gradients and optimizer state stay float32 (model.safetensors holds the trained values exactly), and the
+    log-mel front end keeps running in float32 (a power spectrum overflows float16). With float16 DeepSpeed adds a
+    torch GradScaler (dynamic loss scaling: start 2^16, halve on overflow and skip the step, double after 2000 clean
+    steps), as the authors' torch.cuda.amp.GradScaler; with ZeRO stage 0 only (RunConfig refuses 1/2)."""
     o = cfg.optim
+    precision = plan.precision if bf16 is None else ("bf16" if bf16 else "fp32")
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
-        "gradient_clipping": o.grad_clip,
+        "gradient_clipping": o.grad_clip or 0.0,  # 0.0: DeepSpeed clips nothing
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -95,12 +133,22 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan, bf16: bool) -> dict[str, Any]
             },
         },
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        # bf16 as torch autocast: weights, gradients and optimizer state stay float32 (model.safetensors holds the
-        # trained values exactly); DeepSpeed communicates Linear/Conv gradients in bf16.
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+        # DeepSpeed communicates Linear/Conv gradients in the autocast dtype.
+        "torch_autocast": {
+            "enabled": precision in AUTOCAST_DTYPES,
+            "dtype": AUTOCAST_DTYPES.get(precision, "bfloat16"),
+        },
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+PRECISION_LABELS = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
+
+
+def loss_scaler(engine) -> torch.amp.GradScaler | None:
+    """The GradScaler DeepSpeed made for fp16 autocast (ZeRO stage 0), or None (bf16, fp32)."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,7 +382,7 @@ class Trainer:
                     (self.run_dir / CHECKPOINTS / pointer).unlink(missing_ok=True)
             distributed.print0(f"relret/train.py: run {self.run_dir}\n{config_yaml}")
         dist.barrier()
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = self.plan.precision == "bf16"  # validation embeds in bf16 autocast too; fp16 runs validate in fp32
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, load_audio_weights=cfg.init_from is None and self.resume is None)
@@ -343,11 +391,13 @@ class Trainer:
             distributed.print0(f"initialised the model from {cfg.init_from}")
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # dropout/patchout differ across ranks
         self.n_params = sum(p.numel() for p in model.parameters())
-        schedule = WarmupCosine(self.plan.total_steps, self.plan.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        schedule = WarmupCosine(
+            self.plan.total_steps, self.plan.warmup_steps, cfg.optim.lr, cfg.optim.min_lr, self.plan.decay_end_steps
+        )
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.plan, self.bf16),
+            config=deepspeed_config(cfg, self.plan),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             dist_init_required=False,
         )
@@ -376,6 +426,9 @@ class Trainer:
         self.checkpoints.register_files("engine", save_engine, load_engine)
         self.checkpoints.register_files("model", save_package)
         self.checkpoints.register("train", self.state)
+        scaler = loss_scaler(self.engine)
+        if scaler is not None:  # DeepSpeed's checkpoint leaves the GradScaler out; the same on every rank (ZeRO 0)
+            self.checkpoints.register("loss_scaler", scaler)
         self.checkpoints.register("rng", RngState(), per_rank=True)
         self.checkpoints.register("stream", self.stream, per_rank=True)
 
@@ -505,7 +558,7 @@ class Trainer:
                     f"{self.cfg.train.grad_accum_steps} x ranks = global batch {self.cfg.train.global_batch_size} | "
                     f"{self.plan.steps_per_epoch} steps/epoch x {self.cfg.train.epochs} epochs = "
                     f"{self.plan.total_steps} steps | {self.n_params / 1e6:.2f} M parameters | "
-                    f"{'bf16 autocast' if self.bf16 else 'fp32'} on {self.device.type} | ZeRO {self.cfg.train.zero_stage}"
+                    f"{PRECISION_LABELS[self.plan.precision]} on {self.device.type} | ZeRO {self.cfg.train.zero_stage}"
                 )
                 self.log.status("running", self.state.step, self.state.epoch, self.latest_tag)
             interrupted = self._epochs()

@@ -4,8 +4,10 @@
     emb = encoder(audio [B, T] float32 at 32 kHz, audio_len [B] valid samples)   # -> [B, embed_dim]
 
 A clip is cut into windows of `window_s` seconds (the last one zero-padded); each window gets a log-mel spectrogram
-and a PaSST embedding (the mean of its class and distillation tokens, as PaSST's own forward does), and the clip's
-embedding is the mean over the windows that hold any of the clip's samples. Windows made only of padding are never
+(hear21passt's AugmentMelSTFT with the configured fmin/fmax and their training-time random shifts, always in
+float32) and a PaSST embedding (the mean of its class and distillation tokens, as PaSST's own forward does; in
+training, structured patchout drops `s_patchout_t` time columns and `s_patchout_f` frequency rows of the patch grid),
+and the clip's embedding is the mean over the windows that hold any of the clip's samples. Windows made only of padding are never
 computed, so padding a batch to a longer clip never changes a clip's embedding.
 
 The model is built from `hear21passt.models.passt.PaSST` directly: its `get_basic_model()` helper always downloads
@@ -43,7 +45,6 @@ class PaSSTEncoder(nn.Module):
         passt_module.first_RUN = False  # stops hear21passt printing tensor shapes on the first forward
         self.cfg = cfg
         self.output_dim = cfg.embed_dim
-        # fmax is given explicitly: hear21passt prints a warning when it has to derive it.
         self.mel = AugmentMelSTFT(
             n_mels=cfg.n_mels,
             sr=SAMPLE_RATE_HZ,
@@ -52,10 +53,10 @@ class PaSSTEncoder(nn.Module):
             n_fft=cfg.n_fft,
             freqm=cfg.freq_mask,
             timem=cfg.time_mask,
-            fmin=0.0,
-            fmax=SAMPLE_RATE_HZ // 2,
-            fmin_aug_range=1,
-            fmax_aug_range=1,
+            fmin=cfg.fmin,
+            fmax=mel_fmax(cfg),  # given explicitly: hear21passt prints a warning when it derives it
+            fmin_aug_range=cfg.fmin_aug_range,
+            fmax_aug_range=cfg.fmax_aug_range,
         )
         self.passt = passt_module.PaSST(
             img_size=(cfg.n_mels, cfg.input_tdim),
@@ -123,6 +124,25 @@ class PaSSTEncoder(nn.Module):
         full = full.view(batch, n_windows, -1)
         weights = mask.to(emb.dtype)
         return (full * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def mel_fmax(cfg: AudioEncoderConfig) -> float:
+    """The log-mel front end's fmax in Hz: `cfg.fmax`, or hear21passt's default for None (sr/2 - fmax_aug_range/2).
+    Refuses a value that training's random shift (up to +fmax_aug_range/2) would push past the Nyquist frequency."""
+    nyquist = SAMPLE_RATE_HZ // 2
+    fmax = nyquist - cfg.fmax_aug_range // 2 if cfg.fmax is None else cfg.fmax
+    if fmax + cfg.fmax_aug_range // 2 > nyquist:
+        raise ValueError(
+            f"model.audio.fmax={cfg.fmax} with model.audio.fmax_aug_range={cfg.fmax_aug_range}: the mel filters' top "
+            f"edge would reach {fmax + cfg.fmax_aug_range // 2:g} Hz in training, past the Nyquist frequency {nyquist} "
+            "Hz; lower fmax, or set it to null for hear21passt's default"
+        )
+    if not cfg.fmin + cfg.fmin_aug_range - 1 < fmax - cfg.fmax_aug_range // 2:
+        raise ValueError(
+            f"model.audio.fmin={cfg.fmin} (+ fmin_aug_range {cfg.fmin_aug_range}) and model.audio.fmax={fmax} "
+            f"(- fmax_aug_range/2 {cfg.fmax_aug_range // 2}) overlap: the mel filters would have no band"
+        )
+    return fmax
 
 
 def load_passt_weights(model: nn.Module, path: str) -> None:

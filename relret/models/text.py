@@ -70,16 +70,18 @@ class TextEncoder(nn.Module):
                         pad_token_id=pad,
                         bos_token_id=tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
                         eos_token_id=tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id,
-                        hidden_dropout_prob=0.1 if cfg.dropout is None else cfg.dropout,
-                        attention_probs_dropout_prob=0.1 if cfg.dropout is None else cfg.dropout,
+                        hidden_dropout_prob=cfg.hidden_dropout,
+                        attention_probs_dropout_prob=cfg.attention_dropout,
                     ),
                     add_pooling_layer=False,
                 )
             else:
-                dropout = {}
-                if cfg.dropout is not None:
-                    dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
-                model = AutoModel.from_pretrained(cfg.name_or_path, add_pooling_layer=False, **dropout)
+                model = AutoModel.from_pretrained(
+                    cfg.name_or_path,
+                    add_pooling_layer=False,
+                    hidden_dropout_prob=cfg.hidden_dropout,
+                    attention_probs_dropout_prob=cfg.attention_dropout,
+                )
         self.model = model
         self.output_dim = int(model.config.hidden_size)
 

@@ -17,6 +17,7 @@ from relret.data import (
     StreamPosition,
     TrainStream,
     ValStream,
+    count_captions,
     make_loader,
     open_train_sources,
     open_val_sources,
@@ -246,3 +247,85 @@ def test_manifest_written_by_the_kit_is_readable(corpus):
     first = manifest.shards[0]
     assert shard_format.sha256_of(str(root / "a" / first.name)) == first.sha256
     assert json.loads(io.BytesIO((root / "a" / "manifest.json").read_bytes()).read())["sbert_dim"] == 384
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data.epoch_unit: caption (the authors' epoch: every caption once)
+
+
+def test_caption_epoch_counts_captions_and_serves_each_caption_of_a_drawn_clip_once(corpus, capsys):
+    """With epoch_unit caption a source's epoch is its caption total (counted in the shards), and a shard draw gives
+    every caption of each of its clips exactly once, as its own sample with that caption's vector; the crops of one
+    clip's captions are drawn apart."""
+    root, records, _ = corpus
+    cfg = _cfg([root / "a"], epoch_unit="caption", crop_s=2.0)
+    sets = open_train_sources(cfg, 1)
+    assert sets[0].total_samples == sum(len(r["captions"]) for r in records) == 160
+    assert sets[0].samples == [4] * 16  # the clips per shard stay what the manifest lists
+    assert "160 captions of 64 clips" in capsys.readouterr().out
+    reference = {}
+    for shard in sorted((root / "a").glob("*.tar")):
+        reference.update(read_shard_with_tarfile(shard))
+    by_shard = {}
+    for r in records:
+        by_shard.setdefault(r["shard"], []).extend((r["key"], c) for c in r["captions"])
+    # no shuffling and 10 samples per batch: each batch is one shard draw (4 clips with 1 + 2 + 3 + 4 captions)
+    crops = {}
+    for batch in _epoch(cfg, batch=10, batches=6, sources=sets):
+        pairs = list(zip(batch["keys"], batch["captions"]))
+        shard = {r["shard"] for r in records if r["key"] == pairs[0][0]}.pop()
+        assert sorted(pairs) == sorted(by_shard[shard])
+        for i, (key, caption) in enumerate(pairs):
+            ref = reference[key]
+            c = ref.meta.captions.index(caption)
+            np.testing.assert_allclose(batch["caption_sbert"][i].numpy(), ref.sbert[c].astype(np.float32))
+            length = int(batch["audio_len"][i])
+            crops.setdefault(key, set()).add(batch["audio"][i, :length].numpy().tobytes())
+    long_multi = [r["key"] for r in records if r["duration_s"] > 2.0 and len(r["captions"]) > 1 and r["key"] in crops]
+    assert long_multi and all(len(crops[k]) > 1 for k in long_multi)  # a fresh crop per caption
+
+
+def test_caption_epoch_resumes_exactly(corpus):
+    """With epoch_unit caption, positions taken after 5 of 10 batches (2 workers, shuffling) make a new stream
+    yield exactly batches 6-10: keys, captions and audio."""
+    root, _, _ = corpus
+    cfg = _cfg([root / "a"], num_workers=2, shuffle_buffer=8, shuffle_initial=4, epoch_unit="caption")
+    full = _epoch(cfg, batch=4, batches=10)
+    positions = {}
+    for b in full[:5]:
+        positions[b["worker"]] = StreamPosition(b["batches_done"], b["raw_pos"])
+    rest = _epoch(cfg, batch=4, batches=10, start=positions)
+    assert [b["keys"] for b in rest] == [b["keys"] for b in full[5:]]
+    assert [b["captions"] for b in rest] == [b["captions"] for b in full[5:]]
+    for a, b in zip(rest, full[5:]):
+        np.testing.assert_array_equal(a["audio"].numpy(), b["audio"].numpy())
+    keys = [k for b in full for k in b["keys"]]
+    assert len(keys) > len(set(keys))  # clips come back, once per caption
+
+
+def test_clip_epoch_is_unchanged_by_the_caption_unit(corpus):
+    """epoch_unit clip (the default) still yields one sample per clip with a random caption of its own."""
+    root, records, _ = corpus
+    cfg = _cfg([root / "a"])
+    assert cfg.epoch_unit == "clip" and open_train_sources(cfg, 1)[0].total_samples == 64
+    batches = _epoch(cfg, batch=4, batches=4)
+    captions = {r["key"]: r["captions"] for r in records}
+    assert all(len(set(b["keys"])) == 4 for b in batches)  # a shard draw is its 4 clips, each once
+    assert all(c in captions[k] for b in batches for k, c in zip(b["keys"], b["captions"]))
+
+
+def test_caption_count_reads_local_damaged_and_s3_shards(tmp_path, s3_bucket, capfd):
+    """count_captions: per-shard totals equal the json members' captions for local and S3 shards; a truncated shard
+    counts the captions before the cut, with a warning."""
+    records = write_shard_dir(tmp_path / "a", n_clips=12, per_shard=4, seed=4)
+    want = [sum(len(r["captions"]) for r in records[i : i + 4]) for i in range(0, 12, 4)]
+    urls = [str(p) for p in sorted((tmp_path / "a").glob("*.tar"))]
+    assert count_captions(urls) == want
+    prefix = f"{s3_bucket}/shards/a"
+    for url in urls:
+        storage.upload_file(url, f"{prefix}/{url.rsplit('/', 1)[-1]}")
+    assert count_captions([f"{prefix}/{u.rsplit('/', 1)[-1]}" for u in urls]) == want
+    truncate_shard(tmp_path / "a" / "synth-train-000001.tar", 0.5)
+    got = count_captions(urls)
+    assert got[0] == want[0] and got[2] == want[2] and 0 <= got[1] < want[1]
+    assert "counting captions in" in capfd.readouterr().err

@@ -143,3 +143,119 @@ def test_audio_config_refuses_windows_too_short_for_input_tdim():
     """input_tdim longer than a window's frames is refused naming both keys."""
     with pytest.raises(ConfigError, match="model.audio.input_tdim=998 does not fit a 1.0 s window"):
         AudioEncoderConfig(window_s=1.0)
+
+
+# The authors' log-mel front end: hear21passt's AugmentMelSTFT exactly as xieh97/text-audio-retrieval models.py builds it.
+AUTHORS_MEL = dict(
+    n_mels=128, sr=SR, win_length=800, hopsize=320, n_fft=1024, freqm=0, timem=0, htk=False, fmin=0.0, fmax=None,
+    norm=1, fmin_aug_range=10, fmax_aug_range=2000,
+)  # fmt: skip
+PAPER_MEL = dict(fmin=0.0, fmax=15000.0, fmin_aug_range=10, fmax_aug_range=2000, freq_mask=0, time_mask=0)
+
+
+def _hear21passt_mel(**kwargs):
+    from hear21passt.models.preprocess import AugmentMelSTFT
+
+    return AugmentMelSTFT(**kwargs)
+
+
+@pytest.mark.parametrize("fmax", [15000.0, None])
+def test_mel_front_end_equals_hear21passts_with_the_authors_arguments(fmax):
+    """With the paper's mel fields (fmax 15000, or null for hear21passt's own default) the encoder's spectrogram equals
+    hear21passt's AugmentMelSTFT built with the authors' arguments: in evaluation (fmin 0, fmax 15000, no shift),
+    and in training under the same seed (the same random fmin/fmax shifts)."""
+    cfg = dataclasses.replace(TINY_AUDIO, **{**PAPER_MEL, "fmax": fmax})
+    encoder = PaSSTEncoder(cfg)
+    reference = _hear21passt_mel(**AUTHORS_MEL)
+    windows = torch.from_numpy(np.random.default_rng(2).uniform(-0.5, 0.5, (3, SR)).astype(np.float32))
+    with torch.no_grad():
+        encoder.eval(), reference.eval()
+        got = encoder.spectrogram(windows)[:, 0]
+        want = reference(windows)[..., : cfg.input_tdim]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        encoder.train(), reference.train()
+        torch.manual_seed(5)
+        got_train = encoder.spectrogram(windows)[:, 0]
+        torch.manual_seed(5)
+        want_train = reference(windows)[..., : cfg.input_tdim]
+    torch.testing.assert_close(got_train, want_train, rtol=0, atol=0)
+    assert (got_train - got).abs().max() > 1e-3  # training really shifted the filters
+
+
+def test_default_mel_front_end_is_the_unshifted_full_band_one():
+    """The defaults (fmin 0, fmax 16000, ranges 1: no shift) give hear21passt's front end with those arguments, the
+    same in training as in evaluation: what relret computed before the fields existed."""
+    encoder = PaSSTEncoder(TINY_AUDIO)
+    reference = _hear21passt_mel(
+        n_mels=128, sr=SR, win_length=800, hopsize=320, n_fft=1024, freqm=0, timem=0, fmin=0.0, fmax=SR // 2,
+        fmin_aug_range=1, fmax_aug_range=1,
+    ).eval()  # fmt: skip
+    windows = torch.from_numpy(np.random.default_rng(3).uniform(-0.5, 0.5, (2, SR)).astype(np.float32))
+    with torch.no_grad():
+        want = reference(windows)[..., : TINY_AUDIO.input_tdim]
+        torch.testing.assert_close(encoder.eval().spectrogram(windows)[:, 0], want, rtol=0, atol=0)
+        torch.testing.assert_close(encoder.train().spectrogram(windows)[:, 0], want, rtol=0, atol=0)
+
+
+def test_mel_band_past_nyquist_is_refused():
+    """fmax plus half its random range beyond 16 kHz is refused naming the keys (hear21passt would fail mid-training)."""
+    with pytest.raises(ValueError, match=r"model.audio.fmax=16000.0 with model.audio.fmax_aug_range=2000: .* 17000 Hz"):
+        PaSSTEncoder(dataclasses.replace(TINY_AUDIO, fmax=16000.0, fmax_aug_range=2000))
+    with pytest.raises(ConfigError, match=r"model.audio.fmin_aug_range must be >= 1"):
+        dataclasses.replace(TINY_AUDIO, fmin_aug_range=0)
+
+
+def _tokens_into_blocks(encoder: PaSSTEncoder, windows: torch.Tensor) -> int:
+    seen = []
+    handle = encoder.passt.blocks.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            encoder.embed_windows(windows)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_patchout_drops_time_columns_and_frequency_rows_in_training_only():
+    """A 1 s window at 128 mels is an 8 x 6 patch grid; s_patchout_t=2, s_patchout_f=3 leave 5 x 4 patches (+ the
+    class and distillation tokens) in training and all 48 in evaluation."""
+    encoder = PaSSTEncoder(dataclasses.replace(TINY_AUDIO, s_patchout_t=2, s_patchout_f=3))
+    windows = torch.zeros(2, SR) + 0.01
+    assert _tokens_into_blocks(encoder.eval(), windows) == 2 + 8 * 6
+    torch.manual_seed(0)
+    assert _tokens_into_blocks(encoder.train(), windows) == 2 + (8 - 3) * (6 - 2)
+    assert _tokens_into_blocks(PaSSTEncoder(TINY_AUDIO).train(), windows) == 2 + 8 * 6  # default: no patchout
+
+
+def test_text_dropout_fields_reach_the_roberta_config(tmp_path):
+    """hidden_dropout and attention_dropout are the built RoBERTa's hidden_dropout_prob and
+    attention_probs_dropout_prob, for a random model and for one loaded from a directory; the defaults are 0.1."""
+    from transformers import RobertaModel
+
+    from relret.models.text import TextEncoder
+
+    random_model = TextEncoder(dataclasses.replace(TINY_TEXT, hidden_dropout=0.2, attention_dropout=0.3)).model
+    assert (random_model.config.hidden_dropout_prob, random_model.config.attention_probs_dropout_prob) == (0.2, 0.3)
+    assert random_model.embeddings.dropout.p == 0.2
+    default = TextEncoder(TINY_TEXT).model.config
+    assert (default.hidden_dropout_prob, default.attention_probs_dropout_prob) == (0.1, 0.1)
+    random_model.save_pretrained(tmp_path / "roberta")  # a "pretrained" model whose own dropouts are 0.2 and 0.3
+    loaded = TextEncoder(
+        dataclasses.replace(TINY_TEXT, random_init=False, name_or_path=str(tmp_path / "roberta"), hidden_dropout=0.25)
+    ).model
+    assert isinstance(loaded, RobertaModel)
+    assert (loaded.config.hidden_dropout_prob, loaded.config.attention_probs_dropout_prob) == (0.25, 0.1)
+    torch.testing.assert_close(loaded.embeddings.word_embeddings.weight, random_model.embeddings.word_embeddings.weight)
+
+
+def test_legacy_text_dropout_key_sets_both_fields():
+    """`model.text.dropout` (the single field of configs saved before) still reads, as both dropouts; null keeps the
+    defaults; given together with one of the new fields it is refused naming both."""
+    from relret.config import TrainConfig, load_config
+
+    text = load_config(TrainConfig, None, ["model.text.dropout=0"]).model.text
+    assert (text.hidden_dropout, text.attention_dropout) == (0.0, 0.0)
+    text = load_config(TrainConfig, None, ["model.text.dropout=null"]).model.text
+    assert (text.hidden_dropout, text.attention_dropout) == (0.1, 0.1)
+    with pytest.raises(ConfigError, match=r"model.text.dropout and model.text.hidden_dropout are both set"):
+        load_config(TrainConfig, None, ["model.text.dropout=0.3", "model.text.hidden_dropout=0.2"])
