@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from relret.config import SELECTION_METRICS
-from relret.results import DIRECTION_TITLES, EvalResult, summarize_runs
+from relret.results import DIRECTION_TITLES, EvalResult, summarize_runs, ttest_over_queries
 
 LAYOUT = "TABLE/DATASET/METHOD/SEED/eval.json"
 METRIC = "AP@10"
@@ -213,31 +213,17 @@ def averaged_ttest(
     a: Sequence[EvalResult], b: Sequence[EvalResult], direction: str = "t2a", metric: str = METRIC
 ) -> dict[str, Any]:
     """The paper's test: per query, `metric` averaged over each method's runs; then a paired t-test over queries."""
-    from scipy.stats import ttest_rel
-
     ids_a, va = per_query_mean(a, direction, metric)
     ids_b, vb = per_query_mean(b, direction, metric)
-    if sorted(ids_a) != sorted(ids_b):
-        raise ValueError(f"the two methods were evaluated on different {direction} queries; use the same shards")
-    position = {q: i for i, q in enumerate(ids_b)}
-    vb = vb[[position[q] for q in ids_a]]
-    if np.allclose(va - vb, 0):
-        t, p = 0.0, 1.0  # identical: no evidence of a difference (scipy would return nan)
-    else:
-        res = ttest_rel(va, vb)
-        t, p = float(res.statistic), float(res.pvalue)
+    test = ttest_over_queries(ids_a, va, ids_b, vb, direction, what="methods")
     return {
         "direction": direction,
         "metric": metric,
-        "n": len(va),
-        "df": len(va) - 1,
+        "n": test["n"],
+        "df": test["n"] - 1,
         "runs_a": len(a),
         "runs_b": len(b),
-        "mean_a": float(va.mean()),
-        "mean_b": float(vb.mean()),
-        "mean_diff": float((va - vb).mean()),
-        "t": t,
-        "p": p,
+        **{k: test[k] for k in ("mean_a", "mean_b", "mean_diff", "t", "p")},
     }
 
 

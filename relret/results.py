@@ -158,32 +158,28 @@ def format_table2(methods: Mapping[str, Sequence[EvalResult]], percent: bool = T
     return "\n".join(lines)
 
 
-def paired_ttest(a: EvalResult, b: EvalResult, direction: str = "t2a", metric: str = "AP@10") -> dict[str, float]:
-    """Paired t-test of per-query `metric` between runs a and b over the same queries (scipy.stats.ttest_rel)."""
+def ttest_over_queries(
+    ids_a: Sequence[str], va, ids_b: Sequence[str], vb, direction: str, what: str = "runs"
+) -> dict[str, float]:
+    """Paired t-test (scipy.stats.ttest_rel) of per-query values `va` and `vb`, aligned by query id; both sides must
+    hold the same queries. Identical values give t = 0, p = 1 (scipy would return nan)."""
     from scipy.stats import ttest_rel
 
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
-    ids_a, ids_b = a.query_ids[direction], b.query_ids[direction]
     if sorted(ids_a) != sorted(ids_b):
         raise ValueError(
-            f"the two runs were evaluated on different {direction} queries ({len(ids_a)} vs {len(ids_b)}); "
-            "evaluate both on the same shards"
+            f"the two {what} were evaluated on different {direction} queries ({len(ids_a)} vs {len(ids_b)}); "
+            "evaluate them on the same shards"
         )
-    if metric not in a.per_query[direction]:
-        raise ValueError(f"no per-query {metric!r}; available: {', '.join(a.per_query[direction])}")
     order_b = {q: i for i, q in enumerate(ids_b)}
-    va = np.asarray(a.per_query[direction][metric])
-    vb = np.asarray(b.per_query[direction][metric])[[order_b[q] for q in ids_a]]
+    va = np.asarray(va, dtype=np.float64)
+    vb = np.asarray(vb, dtype=np.float64)[[order_b[q] for q in ids_a]]
     diff = va - vb
     if np.allclose(diff, 0):
-        t, p = 0.0, 1.0  # identical rankings: no evidence of a difference (scipy would return nan)
+        t, p = 0.0, 1.0
     else:
         res = ttest_rel(va, vb)
         t, p = float(res.statistic), float(res.pvalue)
     return {
-        "direction": direction,
-        "metric": metric,
         "n": len(va),
         "mean_a": float(va.mean()),
         "mean_b": float(vb.mean()),
@@ -191,6 +187,22 @@ def paired_ttest(a: EvalResult, b: EvalResult, direction: str = "t2a", metric: s
         "t": t,
         "p": p,
     }
+
+
+def paired_ttest(a: EvalResult, b: EvalResult, direction: str = "t2a", metric: str = "AP@10") -> dict[str, float]:
+    """Paired t-test of per-query `metric` between runs a and b over the same queries (scipy.stats.ttest_rel)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+    if metric not in a.per_query[direction]:
+        raise ValueError(f"no per-query {metric!r}; available: {', '.join(a.per_query[direction])}")
+    test = ttest_over_queries(
+        a.query_ids[direction],
+        a.per_query[direction][metric],
+        b.query_ids[direction],
+        b.per_query[direction][metric],
+        direction,
+    )
+    return {"direction": direction, "metric": metric, **test}
 
 
 def format_ttest(name_a: str, name_b: str, res: Mapping[str, float]) -> str:
