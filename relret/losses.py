@@ -33,6 +33,7 @@ from torch import nn
 from relret import distributed
 from relret.config import LOSSES, LossConfig, RelevanceConfig
 from relret.relevance import apply_relevance, as_tensor, caption_similarity, l2_normalize
+from relret.target_stats import target_diagnostics
 
 Direction = typing.Literal["t2a", "a2t", "both"]
 DIRECTIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(LossConfig)["direction"])
@@ -64,24 +65,6 @@ def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """`x` unchanged in value, its gradient multiplied by `scale`."""
     return x * scale - x.detach() * (scale - 1.0)
-
-
-def target_diagnostics(targets: torch.Tensor, own: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How peaked target distributions are: rows of `targets` [R, N] (each sums to 1), `own` [R] the column of each
-    row's own item (its caption's clip). Returns 0-dim tensors: the mean target mass on the own column, the mean
-    entropy (nats) and the mean of the largest mass on any other column."""
-    p = targets.double()
-    rows = torch.arange(p.shape[0], device=p.device)
-    own_mass = p[rows, own]
-    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=1)
-    others = p.clone()
-    others[rows, own] = -1.0
-    largest_other = others.amax(dim=1).clamp_min(0.0) if p.shape[1] > 1 else torch.zeros_like(own_mass)
-    return {
-        "target_own_mass": own_mass.mean(),
-        "target_entropy": entropy.mean(),
-        "target_max_other": largest_other.mean(),
-    }
 
 
 @dataclasses.dataclass
@@ -199,7 +182,7 @@ class GlobalBatchLoss(nn.Module):
         if self.report_targets:
             first = next(iter(targets))
             own = torch.arange(batch.rows.start, batch.rows.stop, device=batch.audio.device)
-            out.update(target_diagnostics(targets[first], own))
+            out.update(target_diagnostics(targets[first].double(), own))
         out["loss"] = loss
         return out
 

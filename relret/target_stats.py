@@ -7,9 +7,10 @@ nearly InfoNCE; the graded part grows with the number of other clips. This measu
 
     python -m relret relevance-stats --shards shards/clotho/development --batch-sizes 32,256,1024,2048
 
-`target_diagnostics` is the one definition of the three numbers (mass on the own clip, entropy, largest other-clip
-probability): the trainer logs it per step on the targets the loss computes, and the command averages it over
-batches of the drawn clips, so the two agree by construction.
+`target_diagnostics` defines the three numbers (mass on the own clip, entropy, largest other-clip probability) and
+the command averages it over batches of the drawn clips. Training logs the same three numbers per step for the
+targets its loss computes (relret.losses reports them); tests/integration/test_target_diagnostics.py checks that a
+logged step equals `batch_target_stats` on that step's batch.
 """
 
 from __future__ import annotations

@@ -264,3 +264,36 @@ def test_rerun_after_a_config_change_is_refused_naming_the_keys(tmp_path, monkey
 
     (tmp_path / "runs" / "t_s0" / "status.json").write_text('{"state": "running", "step": 0}')
     pipeline.submit_pipeline(cfg, dry_run=True, out=lines.append)  # started, never checkpointed: training starts afresh
+
+
+def test_batch_study_dry_run_expands_batch_method_and_seed_with_the_sqrt_lr_rule(tmp_path):
+    """`launcher pipeline --config configs/batch_study.yaml --dry-run`: 3 batch sizes x 2 methods x 5 seeds training
+    jobs at optim.lr = 2e-5 x sqrt(B / 32), an evaluation per run into one paper-tables layout per batch size, one
+    tables job per batch size waiting for exactly its 10 evaluations, and relevance-stats at the grid's batch sizes;
+    nothing is written."""
+    cmd = [sys.executable, "-m", "launcher", "pipeline", "--config", "configs/batch_study.yaml", "--dry-run"]
+    proc = subprocess.run([*cmd, f"run_root={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    jobs = {line.split()[0]: line for line in proc.stdout.splitlines() if " sbatch " in line}
+    batches, methods = (32, 256, 1024), {"infonce": "loss.name=infonce", "listnet_audio": "loss.direction=t2a"}
+    trains = [f"train_b{b}_{m}_s{s}" for b, m, s in itertools.product(batches, methods, SEEDS)]
+    evals = [name.replace("train_", "eval_") for name in trains]
+    assert list(jobs) == ["shard", "relevance_stats", *trains, *evals, *(f"tables_b{b}" for b in batches)]
+    assert "Plan: 65 jobs (30 training, 35 other) from 5 stage templates; 65 to run, 0 completed." in proc.stdout
+    for batch, method, seed in itertools.product(batches, methods, SEEDS):
+        line = jobs[f"train_b{batch}_{method}_s{seed}"]
+        assert "'--dependency=afterok:<shard>' " in line and " --nodes=2 " in line and " --gpus-per-node=4 " in line
+        args = line.split()
+        assert {f"train.global_batch_size={batch}", methods[method], f"train.seed={seed}"} <= set(args)
+        (lr,) = [a for a in args if a.startswith("optim.lr=")]
+        assert float(lr.split("=")[1]) == pytest.approx(2e-5 * math.sqrt(batch / 32), rel=1e-12)
+        out = tmp_path / "runs" / "results" / f"b{batch}" / "table2" / "clotho" / method / f"s{seed}"
+        assert f"--out {out} " in jobs[f"eval_b{batch}_{method}_s{seed}"]
+    for batch in batches:
+        tables = jobs[f"tables_b{batch}"]
+        waits = re.search(r"--dependency=afterok:(\S+)'", tables).group(1).split(":")
+        assert sorted(waits) == sorted(f"<eval_b{batch}_{m}_s{s}>" for m in methods for s in SEEDS)
+        assert f"paper-tables --results {tmp_path / 'runs' / 'results' / f'b{batch}'} " in tables
+    stats = jobs["relevance_stats"]
+    assert "relevance-stats --shards data/shards/clotho/development --batch-sizes 32,256,1024 " in stats
+    assert not (tmp_path / "runs").exists()
