@@ -24,13 +24,14 @@ names the missing ones again in `config["missing_audio"]`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -494,12 +495,13 @@ class _RayWorkers:
         if self.on_gpu:
             gpu_cls = ray.remote(num_gpus=1, num_cpus=1)(SbertEmbedder)
             size = cfg.sbert_actors or max(gpus, 1)
-            self.embedders = _EmbedderPool(lambda: gpu_cls.remote(cfg.sbert, "cuda"), size)
+            self.embedders = _embedder_pool(("cuda", cfg.sbert, size), lambda: gpu_cls.remote(cfg.sbert, "cuda"), size)
         else:
             cpu_cls = ray.remote(num_cpus=cfg.sbert_cpus)(SbertEmbedder)
             captions_per_clip = sum(len(c.captions) for c in clips) / len(clips)
             size = cfg.sbert_actors or cpu_sbert_actors(cpus, captions_per_clip, cfg.sbert_cpu_threads)
-            self.embedders = _EmbedderPool(lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size)
+            key = ("cpu", cfg.sbert, size, cfg.sbert_cpus, cfg.sbert_cpu_threads)
+            self.embedders = _embedder_pool(key, lambda: cpu_cls.remote(cfg.sbert, "cpu", cfg.sbert_cpu_threads), size)
         writer_cls = ray.remote(num_cpus=0)(ShardWriter)
         self.writers = [writer_cls.remote(out_dir) for _ in range(cfg.writers or (4 if storage.is_s3(out_dir) else 1))]
         self.encode = ray.remote(num_cpus=1, num_returns=2, max_retries=3, retry_exceptions=True)(_audio_task)
@@ -616,6 +618,43 @@ def _dispatch(
     return workers.records
 
 
+_shared_embedders: dict[str, Any] | None = None
+"""While `shared_embedders()` is active (a plan of several jobs, shards/plan.py): the SBERT actor pool kept for the
+next job, so that the model is loaded once per plan rather than once per job."""
+
+
+@contextlib.contextmanager
+def shared_embedders() -> Iterator[None]:
+    """Jobs run inside this block reuse one SBERT actor pool (the same model, device and size) instead of starting
+    their own; the actors end with the block."""
+    global _shared_embedders
+    _shared_embedders = {}
+    try:
+        yield
+    finally:
+        _release_shared_embedders()
+        _shared_embedders = None
+
+
+def _release_shared_embedders() -> None:
+    if _shared_embedders and _shared_embedders.get("pool") is not None:
+        import ray
+
+        for actor in _shared_embedders["pool"].actors:
+            ray.kill(actor)
+        _shared_embedders.clear()
+
+
+def _embedder_pool(key: tuple, make, size: int) -> _EmbedderPool:
+    """A new pool of `size` actors, or inside `shared_embedders()` the kept one when it was made for the same `key`."""
+    if _shared_embedders is None:
+        return _EmbedderPool(make, size)
+    if _shared_embedders.get("key") != key:
+        _release_shared_embedders()
+        _shared_embedders.update(key=key, pool=_EmbedderPool(make, size))
+    return _shared_embedders["pool"]
+
+
 class _EmbedderPool:
     """SBERT actors; each call goes to the actor with the fewest calls outstanding."""
 
@@ -666,7 +705,8 @@ def _write_report(path: str, manifest: Manifest, wall_s: float, n_clips: int, ti
 
 DESCRIPTION = (
     "Turn an audio-caption dataset into WebDataset shards with precomputed Sentence-BERT embeddings (on a private "
-    "local Ray, or on the cluster it is submitted to)."
+    "local Ray, or on the cluster it is submitted to). Several jobs in one Ray session: shards/build.py --plan FILE "
+    "(a YAML list of jobs with these options as keys; see shards/plan.py and configs/shards.yaml)."
 )
 
 
@@ -676,6 +716,11 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--plan" or a.startswith("--plan=") for a in args):  # several jobs in one Ray session
+        from shards.plan import main as plan_main
+
+        return plan_main(args)
     try:
         cfg = cli.parse_dataclass(BuildConfig, build_parser(), argv)
         run(cfg)
