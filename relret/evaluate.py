@@ -116,6 +116,45 @@ def evaluate_collection(collection: Collection, info: dict | None = None, what: 
     )
 
 
+def coverage(sets: Sequence, n_clips: int) -> dict:
+    """How many of the clips the split's metadata lists were evaluated, from the shard manifests: the official test
+    set minus the clips whose audio was missing (AudioCaps' YouTube clips that are gone), unreadable, or excluded by a
+    blacklist when the shards were built. `listed` is None for shards whose manifest does not record it (built by
+    hand or by an older shard job)."""
+    listed = missing = unreadable = excluded = 0
+    known = True
+    for shard_set in sets:
+        config = shard_set.manifest.config
+        if "clips_total" not in config:
+            known = False
+            continue
+        listed += int(config["clips_total"])
+        missing += int(config.get("skipped_missing_audio", 0))
+        # the shard job's skipped_bad_input counts the missing audio too
+        unreadable += int(config.get("skipped_bad_input", 0)) - int(config.get("skipped_missing_audio", 0))
+        excluded += int(config.get("blacklisted", 0))
+    return {
+        "listed": listed if known else None,
+        "evaluated": n_clips,
+        "missing_audio": missing,
+        "unreadable": unreadable,
+        "excluded": excluded,
+    }
+
+
+def coverage_line(cov: dict) -> str:
+    """One line for the report, e.g. "evaluated 4,871 of the 4,875 clips the metadata lists (4 missing audio)"."""
+    if cov["listed"] is None:
+        return f"evaluated {cov['evaluated']:,} clips (the shards' manifests do not record how many the metadata lists)"
+    reasons = [
+        f"{cov[key]:,} {label}"
+        for key, label in (("missing_audio", "missing audio"), ("unreadable", "unreadable"), ("excluded", "excluded"))
+        if cov[key]
+    ]
+    line = f"evaluated {cov['evaluated']:,} of the {cov['listed']:,} clips the metadata lists"
+    return line + (f" ({', '.join(reasons)})" if reasons else " (all of them)")
+
+
 def _is_previous_evaluation(out: Path) -> bool:
     try:
         if (out / "zeroshot.json").is_file():
@@ -248,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "name": args.name or str(args.model),
                 "shards": list(args.shards),
                 "max_duration_s": args.max_duration_s,
+                "coverage": coverage(sets, int(collection.audio.shape[0])),
             },
         )
         graded = None
@@ -259,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         if info.is_main:
             table = format_table2({args.name or Path(args.model).name: [result]})
+            line = coverage_line(result.info["coverage"])
+            table += f"\n\n{line[0].upper()}{line[1:]}."
             with atomic_output_dir(out) as tmp:
                 (tmp / "eval.json").write_text(result.to_json(), encoding="utf-8")
                 (tmp / "metrics.md").write_text(table + "\n", encoding="utf-8")
@@ -279,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if graded is not None:
                 print(_graded_markdown(graded))
             print(f"wrote {out}/eval.json ({result.info['n_clips']} clips, {result.info['n_captions']} captions)")
+            print(coverage_line(result.info["coverage"]))
         return 0
     finally:
         distributed.cleanup_distributed()

@@ -276,3 +276,27 @@ def test_evaluate_zero_shot_on_a_labelled_folder_equals_a_plain_loop(trained, tm
     assert got["top1_acc"] == pytest.approx(correct / len(rows))
     assert got["n_clips"] == 12 and got["n_classes"] == 3 and got["top5_acc"] == 1.0
     assert relret_main([*argv[:5], "--out", str(tmp_path / "x")]) == 2  # --labels without --audio-dir
+
+
+def test_coverage_counts_the_official_clips_from_the_manifests():
+    """How many of the listed clips were evaluated, per reason left out, summed over shard sets; the shard job's
+    skipped_bad_input counts the missing audio too, so unreadable = bad input - missing."""
+    from types import SimpleNamespace
+
+    from relret.evaluate import coverage, coverage_line
+
+    def shard_set(**config):
+        return SimpleNamespace(manifest=SimpleNamespace(config=config))
+
+    test = shard_set(clips_total=4875, skipped_bad_input=5, skipped_missing_audio=4, blacklisted=0)
+    extra = shard_set(clips_total=10, skipped_bad_input=0, skipped_missing_audio=0, blacklisted=2)
+    cov = coverage([test, extra], 4870 + 8)
+    assert cov == {"listed": 4885, "evaluated": 4878, "missing_audio": 4, "unreadable": 1, "excluded": 2}
+    assert cov["listed"] == cov["evaluated"] + cov["missing_audio"] + cov["unreadable"] + cov["excluded"]
+    assert coverage_line(cov) == (
+        "evaluated 4,878 of the 4,885 clips the metadata lists (4 missing audio, 1 unreadable, 2 excluded)"
+    )
+    whole = coverage([shard_set(clips_total=12, skipped_bad_input=0, skipped_missing_audio=0, blacklisted=0)], 12)
+    assert coverage_line(whole) == "evaluated 12 of the 12 clips the metadata lists (all of them)"
+    unknown = coverage([shard_set(), test], 99)  # a hand-built manifest without the counts
+    assert unknown["listed"] is None and "do not record" in coverage_line(unknown)
