@@ -4,8 +4,9 @@
 
 Defaults live in the dataclasses, configs/pipeline.yaml holds the chain, dotted overrides come last (the same
 machinery as relret.config). Relative paths are taken from the directory the launcher runs in, like paths on a
-command line, except sbatch scripts and the training entry point, which are taken from the repository; all are made
-absolute before anything is submitted.
+command line, except sbatch scripts and the training entry point, which are taken from the repository, and training
+configs, taken from the launch directory when they are there and from the repository otherwise; all are made absolute
+before anything is submitted.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class StageConfig:
     enabled: bool = True
     """A disabled stage is not submitted; stages after it do not wait for it (its outputs must already exist)."""
     config: str | None = None
-    """Training config (configs/*.yaml) for relret/train.py; makes this a training stage."""
+    """Training config (configs/*.yaml) for relret/train.py; makes this a training stage. Relative: from the launch
+    directory when the file is there, else from the repository."""
     overrides: list[str] = dataclasses.field(default_factory=list)
     """Dotted training overrides for this stage, after the pipeline's `overrides` (placeholders as in `command`)."""
     init_from: str | None = None
@@ -224,6 +226,15 @@ class PipelineConfig:
     def run_dir(self, name: str) -> Path:
         stage = self.stages[name]
         return absolute(stage.run_dir) if stage.run_dir else absolute(self.run_root) / name
+
+    def train_config(self, name: str) -> Path:
+        """A training stage's config file: a relative path is taken from the directory the launcher runs in when it is
+        there, else from the repository (so that the shipped configs/*.yaml work from the directory that holds the
+        data)."""
+        config = self.stages[name].config
+        assert config is not None, f"stage {name} is not a training stage"
+        here, shipped = absolute(config), absolute(config, REPO)
+        return shipped if not here.is_file() and shipped.is_file() else here
 
     def script(self, name: str) -> Path:
         stage = self.stages[name]

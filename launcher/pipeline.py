@@ -117,7 +117,7 @@ def stage_args(cfg: PipelineConfig, name: str) -> list[str]:
 
     if stage.kind == "command":
         return fill(f"stages.{name}.command", stage.command)
-    args = ["--config", str(absolute(stage.config)), "--run-dir", str(run_dir)]
+    args = ["--config", str(cfg.train_config(name)), "--run-dir", str(run_dir)]
     if stage.init_from:
         args += ["--init-from", str(cfg.run_dir(stage.init_from))]
     return args + fill("overrides", cfg.overrides) + fill(f"stages.{name}.overrides", stage.overrides)
@@ -147,8 +147,13 @@ def check_inputs(cfg: PipelineConfig, local: bool = False) -> None:
         stage = cfg.stages[name]
         if not cfg.script(name).is_file():
             problems.append(f"stages.{name}.script: {cfg.script(name)} does not exist")
-        if stage.kind == "train" and not absolute(stage.config).is_file():
-            problems.append(f"stages.{name}.config: {absolute(stage.config)} does not exist")
+        if stage.kind == "train" and not cfg.train_config(name).is_file():
+            where = (
+                f"{stage.config} does not exist"
+                if Path(stage.config).expanduser().is_absolute()
+                else f"{stage.config} is neither in {Path.cwd()} nor in the repository {REPO}"
+            )
+            problems.append(f"stages.{name}.config: {where}")
         parent = stage.init_from
         if parent and not cfg.stages[parent].enabled and not is_completed(cfg.run_dir(parent)):
             problems.append(
@@ -156,7 +161,7 @@ def check_inputs(cfg: PipelineConfig, local: bool = False) -> None:
                 f"run; enable it or point stages.{parent}.run_dir at a finished run"
             )
         args = stage_args(cfg, name)  # placeholders
-        if stage.kind == "train" and absolute(stage.config).is_file() and uses_relret_training(cfg):
+        if stage.kind == "train" and cfg.train_config(name).is_file() and uses_relret_training(cfg):
             config_problems = _training_config_problems(name, args)
             problems += config_problems
             if not config_problems:
@@ -393,7 +398,11 @@ def _write_command_status(run_dir: Path, state: str, exit_code: int | None, pid:
     run_contract.write_status(run_dir, state, **fields)
 
 
-def run_local(cfg: PipelineConfig, out: Print = print) -> int:
+def _print_flushed(line: str) -> None:
+    print(line, flush=True)  # before the stage's own output, also when stdout is a pipe or a log file
+
+
+def run_local(cfg: PipelineConfig, out: Print = _print_flushed) -> int:
     """Run the enabled stages one after another here; skips completed ones. Returns 0, or the failing exit code."""
     check_inputs(cfg, local=True)
     root = absolute(cfg.run_root)

@@ -149,7 +149,7 @@ def test_missing_inputs_are_reported_before_anything_is_submitted(tmp_path, monk
         pipeline.submit_pipeline(cfg, dry_run=True, out=lambda line: None)
     message = str(err.value)
     assert f"train_script: {tmp_path}/no_train.py does not exist" in message
-    assert f"stages.ft.config: {tmp_path}/missing.yaml does not exist" in message
+    assert f"stages.ft.config: missing.yaml is neither in {tmp_path} nor in the repository" in message
     assert f"stages.ft.init_from: stage 'pre' is disabled but {tmp_path}/runs/pre holds no completed run" in message
     assert not (tmp_path / "runs").exists()
 
@@ -320,3 +320,15 @@ def test_stages_whose_shards_would_not_do_are_refused_before_submission(tmp_path
     assert dim.returncode == 2 and "data.sbert_dim=768 but" in dim.stderr and "384-dimensional" in dim.stderr
     ok = run("data.sbert_dim=384", "data.num_workers=1")
     assert "stages.finetune_clotho" not in ok.stderr, ok.stderr
+
+
+def test_training_configs_come_from_the_launch_directory_else_the_repository(tmp_path, monkeypatch):
+    """Launched from the data root, the shipped pipeline finds the shipped training configs; a config of the same name
+    in the launch directory is preferred."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(REPO / "configs" / "pipeline.yaml")
+    assert cfg.train_config("pretrain") == REPO / "configs" / "pretrain.yaml"
+    assert pipeline.stage_args(cfg, "finetune_clotho")[1] == str(REPO / "configs" / "finetune_clotho.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pretrain.yaml").write_text("base: /dev/null\n")
+    assert cfg.train_config("pretrain") == tmp_path / "configs" / "pretrain.yaml"
