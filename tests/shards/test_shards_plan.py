@@ -46,6 +46,8 @@ def test_the_paper_plan_writes_what_the_paper_configs_read(in_miniature, mpnet_d
     assert sizes[("clotho", "development")] == sizes[("audiocaps", "train")] == 32
     wavcaps = [cfg for cfg in plan.jobs if cfg.dataset == "wavcaps"]
     assert [cfg.blacklist for cfg in wavcaps][0] == ["data/wavcaps/dcase2024_task6_excluded_freesound_ids.csv"]
+    # WavCaps stored whole, so that pretraining crops a fresh 30 s window each epoch (the authors' setting)
+    assert {cfg.max_duration_s for cfg in wavcaps} == {3600.0} and len(wavcaps) == 4
 
 
 def _plan(tmp_path: Path, text: str) -> Path:
