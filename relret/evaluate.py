@@ -100,8 +100,11 @@ def embed_collection(
     )
 
 
-def evaluate_collection(collection: Collection, info: dict | None = None, what: str = "evaluation"):
-    """The EvalResult of a collection (both directions, per-query values); `what` names the set in errors."""
+def evaluate_collection(
+    collection: Collection, info: dict | None = None, what: str = "evaluation", merge_identical: bool = False
+):
+    """The EvalResult of a collection (both directions, per-query values); `what` names the set in errors;
+    `merge_identical` makes identical caption texts one text-to-audio query (the collection needs its captions)."""
     from relret.results import evaluate_embeddings
 
     if collection.audio.shape[0] == 0:
@@ -113,6 +116,7 @@ def evaluate_collection(collection: Collection, info: dict | None = None, what: 
         collection.text_clip_ids,
         collection.text_caption_index,
         info,
+        merge_captions=collection.captions if merge_identical else None,
     )
 
 
@@ -228,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dcase", action="store_true", help="also write dcase_submission.csv (text-to-audio top 10)")
     parser.add_argument("--name", default=None, help="label of this result in tables (default: the model path)")
     parser.add_argument(
+        "--merge-identical-captions",
+        action="store_true",
+        help="text-to-audio: identical caption texts are one query whose relevant clips are all the clips they caption "
+        "(default: each caption is a query with its own clip only, the DCASE convention)",
+    )
+    parser.add_argument(
         "--ratings",
         default=None,
         help="graded relevance: a directory of crowdsourced ratings ({split}_relevances_joined.csv, the layout of "
@@ -289,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max_duration_s": args.max_duration_s,
                 "coverage": coverage(sets, int(collection.audio.shape[0])),
             },
+            merge_identical=args.merge_identical_captions,
         )
         graded = None
         if ratings is not None and info.is_main:

@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from relret.config import RETRIEVAL_DIRECTIONS as DIRECTIONS
 from relret.config import SELECTION_METRICS
-from relret.metrics import per_query_metrics_from_embeddings, summarize
+from relret.metrics import per_query_metrics, per_query_metrics_from_embeddings, summarize
 
 DIRECTION_TITLES = {"t2a": "Text-to-audio", "a2t": "Audio-to-text"}
 TABLE_METRICS = {"t2a": SELECTION_METRICS, "a2t": (*SELECTION_METRICS, "hit@1", "hit@10")}
@@ -63,9 +64,14 @@ def evaluate_embeddings(
     text_clip_ids: Sequence[int],
     text_caption_index: Sequence[int] | None = None,
     info: Mapping[str, object] | None = None,
+    merge_captions: Sequence[str] | None = None,
 ) -> EvalResult:
     """Both directions from unit-norm audio embeddings [N, E] (one per clip) and text embeddings [M, E] (one per
-    caption, `text_clip_ids[m]` naming its clip). Scores are cosine similarities (dot products of unit vectors)."""
+    caption, `text_clip_ids[m]` naming its clip). Scores are cosine similarities (dot products of unit vectors).
+
+    With `merge_captions` (the M caption texts), text-to-audio treats identical texts as one query whose relevant
+    items are all the clips they caption (by default a caption shared by several clips counts only its own clip, and
+    is asked once per copy); the query keeps the id of its first caption. Audio-to-text is unchanged."""
     audio_ids = np.asarray(audio_clip_ids, dtype=np.int64)
     text_ids = np.asarray(text_clip_ids, dtype=np.int64)
     if len(np.unique(audio_ids)) != len(audio_ids):
@@ -75,19 +81,41 @@ def evaluate_embeddings(
         raise ValueError(f"{len(missing)} caption(s) belong to clips without audio embeddings, e.g. clip {missing[0]}")
     if text_caption_index is None:
         text_caption_index = _caption_index(text_ids)
-    per_query = {
-        "t2a": per_query_metrics_from_embeddings(text_emb, audio_emb, text_ids, audio_ids),
-        "a2t": per_query_metrics_from_embeddings(audio_emb, text_emb, audio_ids, text_ids),
-    }
+    t2a_ids = [f"{c}:{i}" for c, i in zip(text_ids.tolist(), list(text_caption_index))]
+    info = dict(info or {}, n_clips=len(audio_ids), n_captions=len(text_ids))
+    if merge_captions is None:
+        t2a = per_query_metrics_from_embeddings(text_emb, audio_emb, text_ids, audio_ids)
+    else:
+        t2a, first = _merged_text_queries(audio_emb, audio_ids, text_emb, text_ids, merge_captions)
+        t2a_ids = [t2a_ids[m] for m in first]
+        info.update(merged_identical_captions=True, n_text_queries=len(first))
+    per_query = {"t2a": t2a, "a2t": per_query_metrics_from_embeddings(audio_emb, text_emb, audio_ids, text_ids)}
     return EvalResult(
         metrics={d: summarize(per_query[d]) for d in DIRECTIONS},
         per_query={d: {k: v.tolist() for k, v in per_query[d].items()} for d in DIRECTIONS},
-        query_ids={
-            "t2a": [f"{c}:{i}" for c, i in zip(text_ids.tolist(), list(text_caption_index))],
-            "a2t": [str(c) for c in audio_ids.tolist()],
-        },
-        info=dict(info or {}, n_clips=len(audio_ids), n_captions=len(text_ids)),
+        query_ids={"t2a": t2a_ids, "a2t": [str(c) for c in audio_ids.tolist()]},
+        info=info,
     )
+
+
+def _merged_text_queries(
+    audio_emb, audio_ids: np.ndarray, text_emb, text_ids: np.ndarray, captions: Sequence[str]
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Text-to-audio per-query metrics with one query per distinct caption text (its first caption's embedding; the
+    copies embed identically) relevant to every clip it captions; returns them and each query's first caption."""
+    if len(captions) != len(text_ids):
+        raise ValueError(f"{len(captions)} caption texts for {len(text_ids)} text embeddings")
+    groups: dict[str, list[int]] = {}
+    for m, text in enumerate(captions):
+        groups.setdefault(text, []).append(m)
+    first = [members[0] for members in groups.values()]
+    column = {int(c): n for n, c in enumerate(audio_ids.tolist())}
+    relevant = np.zeros((len(first), len(audio_ids)), dtype=bool)
+    for q, members in enumerate(groups.values()):
+        relevant[q, [column[int(text_ids[m])] for m in members]] = True
+    queries = torch.as_tensor(text_emb)[first]
+    scores = queries @ torch.as_tensor(audio_emb).to(queries.device, queries.dtype).T
+    return per_query_metrics(scores, relevant), first
 
 
 def _caption_index(text_ids: np.ndarray) -> list[int]:

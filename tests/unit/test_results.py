@@ -109,3 +109,27 @@ def test_bad_evaluation_input():
         evaluate_embeddings(audio, np.zeros(12, dtype=int), text, text_ids)
     with pytest.raises(ValueError, match="belong to clips without audio"):
         evaluate_embeddings(audio, audio_ids, text, text_ids + 1)
+
+
+def test_identical_captions_merged_into_one_query_with_all_their_clips():
+    """Hand-computed: two clips share the caption "a dog barks", whose embedding ranks clip 10 first and clip 11
+    second. Per caption (default): AP@10 1 and 1/2 for the two copies, 1 for "rain falls". Merged: one query relevant
+    to both clips, AP@10 = (1/1 + 2/2) / 2 = 1 and R@1 = 1/2; audio-to-text is unchanged."""
+    import numpy as np
+
+    from relret.results import evaluate_embeddings
+
+    audio = np.eye(3)
+    dog = np.array([0.9, 0.8, 0.1]) / np.linalg.norm([0.9, 0.8, 0.1])
+    rain = np.array([0.1, 0.2, 0.9]) / np.linalg.norm([0.1, 0.2, 0.9])
+    text = np.stack([dog, dog, rain])
+    captions = ["a dog barks", "a dog barks", "rain falls"]
+    plain = evaluate_embeddings(audio, [10, 11, 12], text, [10, 11, 12])
+    assert plain.per_query["t2a"]["AP@10"] == [1.0, 0.5, 1.0]
+    merged = evaluate_embeddings(audio, [10, 11, 12], text, [10, 11, 12], merge_captions=captions)
+    assert merged.query_ids["t2a"] == ["10:0", "12:0"]
+    assert merged.per_query["t2a"]["AP@10"] == [1.0, 1.0]
+    assert merged.per_query["t2a"]["R@1"] == [0.5, 1.0] and merged.per_query["t2a"]["R@5"] == [1.0, 1.0]
+    assert merged.metrics["t2a"]["mAP@10"] == 1.0 and plain.metrics["t2a"]["mAP@10"] == pytest.approx(2.5 / 3)
+    assert merged.metrics["a2t"] == plain.metrics["a2t"]
+    assert merged.info["n_text_queries"] == 2 and merged.info["merged_identical_captions"] is True
