@@ -1,12 +1,18 @@
 """hear21passt's hand-written attention against FusedAttention (F.scaled_dot_product_attention), side by side.
 
     python bench/attention.py [--batch 2] [--tokens 1190] [--rounds 5] [--threads 0] [--no-memory]
+    python bench/attention.py --checkpoint-blocks 2 [--checkpoint-batch 2]   # + activation checkpointing on CPU
 
 CPU: forward + backward of one PaSST-S attention layer (768 wide, 12 heads) on [batch, tokens, 768]; both
 contenders share the same weights and input, and rounds alternate between them so drift in machine load hits both
 alike (medians reported). Peak memory on CPU is the growth of the process's peak RSS over one step (Linux: VmHWM
 reset through /proc/self/clear_refs), measured in a fresh subprocess per contender, next to the size of the
 attention matrices the fused kernel never stores.
+
+With --checkpoint-blocks N (CPU): N PaSST-S blocks with fused attention on one 10 s window per sample (stride 16:
+498 tokens), forward + backward of `forward_features` at --checkpoint-batch, with and without
+`checkpoint_passt_blocks`: median step time (alternating rounds) and the growth of peak RSS over one step (fresh
+subprocess each), so the memory that checkpointing saves and the recomputation it costs are measured side by side.
 
 CUDA (when present): a full PaSST-S training step (768/12/12, stride 16, 128 x 998 input, forward + backward + AdamW)
 at --cuda-batch, in bf16 autocast and in fp32, for hand-written, fused, and fused with checkpointed blocks, with
@@ -118,6 +124,80 @@ def cpu_bench(args: argparse.Namespace) -> None:
         print(f"  peak RSS growth over one step (fresh process), {name:<13} {growth / MIB:8.0f} MiB")
 
 
+def passt_blocks(depth: int, checkpointed: bool) -> nn.Module:
+    """A PaSST-S (768 wide, 12 heads, stride 16, 128 x 998 input) of `depth` blocks with fused attention, training."""
+    from hear21passt.models import passt as passt_module
+
+    from relret.models.attention import fuse_passt_attention
+
+    passt_module.first_RUN = False
+    torch.manual_seed(0)
+    model = passt_module.PaSST(
+        img_size=(128, 998), patch_size=16, stride=(16, 16), in_chans=1, num_classes=0, embed_dim=768, depth=depth,
+        num_heads=12, distilled=True,
+    )  # fmt: skip
+    model.head = nn.Identity()
+    model.head_dist = None
+    fuse_passt_attention(model)
+    if checkpointed:
+        checkpoint_passt_blocks(model)
+    return model.train()
+
+
+def passt_step(model: nn.Module, spec: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    cls_token, dist_token = model.forward_features(spec)
+    ((cls_token + dist_token) / 2).pow(2).mean().backward()
+
+
+def checkpoint_peak_rss_child(checkpointed: bool, depth: int, batch: int) -> None:
+    """(subprocess) Print the growth of peak RSS, in bytes, over one PaSST training step (Linux)."""
+    model = passt_blocks(depth, checkpointed)
+    spec = torch.randn(batch, 1, 128, 998)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _proc_status_bytes("VmRSS")
+    passt_step(model, spec)
+    print(json.dumps({"peak_rss_growth": _proc_status_bytes("VmHWM") - before}))
+
+
+def cpu_checkpoint_bench(args: argparse.Namespace) -> None:
+    depth, batch = args.checkpoint_blocks, args.checkpoint_batch
+    models = {"plain": passt_blocks(depth, False), "checkpointed": passt_blocks(depth, True)}
+    spec = torch.randn(batch, 1, 128, 998)
+
+    def timed(model: nn.Module) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            passt_step(model, spec)
+            return time.perf_counter() - t0
+
+        return run
+
+    medians = alternate({name: timed(model) for name, model in models.items()}, args.rounds)
+    print(
+        f"CPU ({torch.get_num_threads()} threads), PaSST-S {depth} block(s), fused attention, batch {batch} x 10 s "
+        f"(498 tokens), forward+backward, median of {args.rounds} alternating rounds:"
+    )
+    for name, seconds in medians.items():
+        print(f"  {name:<13} {seconds * 1e3:8.1f} ms")
+    print(f"  checkpointed / plain = {medians['checkpointed'] / medians['plain']:.2f}x time")
+    if args.no_memory:
+        return
+    growth = {}
+    for name in models:
+        cmd = [sys.executable, __file__, "--checkpoint-child", name, "--checkpoint-blocks", str(depth)]
+        cmd += ["--checkpoint-batch", str(batch), "--threads", str(args.threads)]
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        if child.returncode != 0:
+            print(f"  peak RSS of {name} not measured: {child.stderr.strip().splitlines()[-1:]}")
+            continue
+        growth[name] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_growth"]
+        print(f"  peak RSS growth over one step (fresh process), {name:<13} {growth[name] / MIB:8.0f} MiB")
+    if len(growth) == 2:
+        print(f"  checkpointed / plain = {growth['checkpointed'] / growth['plain']:.2f}x peak RSS growth")
+
+
 def cuda_bench(args: argparse.Namespace) -> None:
     from hear21passt.models import passt as passt_module
 
@@ -198,14 +278,26 @@ def main() -> None:
     parser.add_argument("--cuda-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
+    parser.add_argument(
+        "--checkpoint-blocks", type=int, default=0, help="CPU: PaSST-S blocks for the checkpointing run (0: skip it)"
+    )
+    parser.add_argument("--checkpoint-batch", type=int, default=2, help="CPU batch (10 s windows) of that run")
     parser.add_argument("--child", choices=["hand-written", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-child", choices=["plain", "checkpointed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         cpu_peak_rss_child(args.child, args.batch, args.tokens, args.dim, args.heads)
         return
+    if args.checkpoint_child:
+        checkpoint_peak_rss_child(
+            args.checkpoint_child == "checkpointed", args.checkpoint_blocks, args.checkpoint_batch
+        )
+        return
     cpu_bench(args)
+    if args.checkpoint_blocks:
+        cpu_checkpoint_bench(args)
     if torch.cuda.is_available():
         cuda_bench(args)
     else:

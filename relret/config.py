@@ -438,6 +438,12 @@ class LossConfig:
 # =====================================================================================================================
 # The model
 
+PASST_ATTENTION = Registry("PaSST attention", "model.audio.attention")
+"""How PaSST's transformer blocks compute self-attention: each entry is applied to the built `PaSST` (`fn(passt) ->
+number of blocks changed`) and keeps every parameter and state-dict key, so any PaSST checkpoint loads under any."""
+PASST_ATTENTION.register("fused", "relret.models.attention:fuse_passt_attention")
+PASST_ATTENTION.register("reference", "relret.models.attention:unfuse_passt_attention")
+
 
 @dataclasses.dataclass
 class AudioEncoderConfig:
@@ -490,8 +496,16 @@ class AudioEncoderConfig:
     """Stochastic depth rate."""
     weights: str | None = None
     """Local file of pretrained PaSST weights (.pt state dict or .safetensors); null: random initialisation."""
+    attention: str = "fused"
+    """Self-attention of the PaSST blocks: "fused" (torch's scaled_dot_product_attention, which dispatches to the
+    flash / memory-efficient kernels) or "reference" (hear21passt's softmax(q k^T) v by hand, [B, heads, N, N] kept
+    for backward). Same parameters and checkpoint keys; outputs equal up to float rounding."""
+    activation_checkpointing: bool = False
+    """Recompute each PaSST block's activations in backward (torch.utils.checkpoint) instead of keeping them: less
+    activation memory for about one more forward of the blocks per training step. Training only."""
 
     def __post_init__(self) -> None:
+        _registered(PASST_ATTENTION, self.attention, "model.audio.attention")
         for key in ("embed_dim", "depth", "num_heads", "patch_size", "stride", "n_mels", "input_tdim"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.audio.{key} must be > 0, got {getattr(self, key)}")
@@ -559,6 +573,9 @@ class TextEncoderConfig:
     authors trained with 0.2."""
     attention_dropout: float = 0.1
     """RoBERTa's attention_probs_dropout_prob (on the attention weights); roberta-large: 0.1, the authors: 0.2."""
+    activation_checkpointing: bool = False
+    """Recompute each RoBERTa layer's activations in backward (Hugging Face gradient checkpointing, non-reentrant)
+    instead of keeping them: less activation memory for about one more forward of the layers. Training only."""
 
     def __post_init__(self) -> None:
         check_choices(self, "model.text")

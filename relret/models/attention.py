@@ -1,7 +1,11 @@
 """PaSST on fused attention, and activation checkpointing of its transformer blocks.
 
     fuse_passt_attention(encoder.passt)      # every block's hear21passt Attention -> FusedAttention (same parameters)
+    unfuse_passt_attention(encoder.passt)    # and back: FusedAttention -> hear21passt's Attention
     checkpoint_passt_blocks(encoder.passt)   # each block recomputes its activations in backward (training only)
+
+`PaSSTEncoder` applies them at build time, after the weights load: `model.audio.attention` picks one of the first two
+through `relret.config.PASST_ATTENTION` (fused by default), `model.audio.activation_checkpointing` the third.
 
 hear21passt's `Attention.forward` builds the [B, heads, N, N] attention matrix by hand (softmax(q k^T * scale) v), which
 keeps torch from using the fused kernels (flash / memory-efficient on CUDA, flash on CPU) that
@@ -9,9 +13,10 @@ keeps torch from using the fused kernels (flash / memory-efficient on CUDA, flas
 same names (qkv, attn_drop, proj, proj_drop) and the same `num_heads` and `scale`, so checkpoints load unchanged and the
 swap moves the existing parameter objects instead of copying them.
 
-Both helpers change modules in place, keep every state-dict key and value, and are idempotent (a second call does
-nothing and returns 0). For the text encoder, Hugging Face models have their own switch:
-`model.activation_checkpointing_enable()` (transformers 5; `gradient_checkpointing_enable()` is its deprecated alias).
+The helpers change modules in place, keep every state-dict key and value, and are idempotent (a second call does
+nothing and returns 0). For the text encoder, Hugging Face models have their own switch, which
+`relret.models.text.enable_activation_checkpointing` calls (`activation_checkpointing_enable()` in transformers 5,
+where `gradient_checkpointing_enable()` is its deprecated alias).
 """
 
 from __future__ import annotations
@@ -24,6 +29,30 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
+
+
+def _count_cpu_flash_attention_flops() -> None:
+    """Teach `torch.utils.flop_counter` the CPU flash-attention kernels that SDPA dispatches to on CPU.
+
+    torch registers FLOP formulas for the CUDA kernels (flash, memory-efficient, cuDNN) only, so on CPU a
+    FlopCounterMode would count FusedAttention's attention matmuls as 0 FLOPs and the MFU of the benchmarks' CPU
+    paths would drop with the fused default. The formulas are the ones torch registers for the CUDA flash kernel,
+    whose arguments start alike (query, key, value; grad_out first in the backward)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    for cpu_name, cuda_name in (
+        ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"),
+    ):
+        cpu_op, cuda_op = getattr(aten, cpu_name, None), getattr(aten, cuda_name, None)
+        formula = flop_counter.flop_registry.get(cuda_op)
+        if cpu_op is None or formula is None or cpu_op in flop_counter.flop_registry:
+            continue  # another torch: nothing to add, or torch counts it already
+        flop_counter.register_flop_formula(cpu_op, get_raw=True)(formula)  # `formula` takes tensors already
+
+
+_count_cpu_flash_attention_flops()
 
 
 class FusedAttention(nn.Module):
@@ -124,6 +153,36 @@ def fuse_passt_attention(passt: nn.Module) -> int:
     for block in blocks:
         if type(block.attn) is Attention:
             block.attn = FusedAttention.from_attention(block.attn)
+            swapped += 1
+    return swapped
+
+
+def unfuse_passt_attention(passt: nn.Module) -> int:
+    """Replace every block's `FusedAttention` with hear21passt's `Attention` holding the same parameters.
+
+    The reverse of `fuse_passt_attention`, with the same contract: returns the number of blocks swapped (0 when none
+    is fused), keeps state-dict keys and tensors, and raises ValueError, leaving `passt` untouched, for a module that
+    is not a hear21passt PaSST or whose attention is neither of the two.
+    """
+    from hear21passt.models.passt import Attention
+
+    blocks = _passt_blocks(passt)
+    for i, block in enumerate(blocks):
+        if type(block.attn) not in (Attention, FusedAttention):
+            raise ValueError(
+                f"{type(passt).__name__}.blocks[{i}].attn is {type(block.attn).__module__}.{type(block.attn).__name__}"
+                "; only relret's FusedAttention can be swapped back to hear21passt's Attention"
+            )
+    swapped = 0
+    for block in blocks:
+        fused = block.attn
+        if type(fused) is FusedAttention:
+            reference = Attention.__new__(Attention)  # its __init__ would draw fresh weights only to drop them
+            nn.Module.__init__(reference)
+            for name in ("num_heads", "scale", "qkv", "attn_drop", "proj", "proj_drop"):
+                setattr(reference, name, getattr(fused, name))
+            reference.train(fused.training)
+            block.attn = reference
             swapped += 1
     return swapped
 

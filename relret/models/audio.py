@@ -12,7 +12,10 @@ computed, so padding a batch to a longer clip never changes a clip's embedding.
 
 The model is built from `hear21passt.models.passt.PaSST` directly: its `get_basic_model()` helper always downloads
 weights. Pretrained weights (e.g. `passt-s-f128-p16-s16-ap.468.pt` from the PaSST releases) are read from a local
-file when `weights` names one, with `torch.load(weights_only=True)` or safetensors.
+file when `weights` names one, with `torch.load(weights_only=True)` or safetensors. The blocks' attention is then
+swapped per `attention` (fused by default: `relret.models.attention.FusedAttention`, on
+`scaled_dot_product_attention`), and with `activation_checkpointing` each block recomputes its activations in
+backward; neither changes a parameter or a state-dict key.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 from torch import nn
 
 import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
-from relret.config import AudioEncoderConfig
+from relret.config import PASST_ATTENTION, AudioEncoderConfig
+from relret.models.attention import checkpoint_passt_blocks
 from relret.shard_format import SAMPLE_RATE_HZ
 
 # hear21passt's front end uses APIs torch now deprecates; filtered once here (a catch_warnings block per forward
@@ -78,6 +82,11 @@ class PaSSTEncoder(nn.Module):
         self.passt.head_dist = None
         if cfg.weights is not None:
             load_passt_weights(self.passt, cfg.weights)
+        # After the weights, though either order works: the swaps keep every state-dict key, so a relret checkpoint
+        # loaded later fits too.
+        PASST_ATTENTION.get(cfg.attention)(self.passt)
+        if cfg.activation_checkpointing:
+            checkpoint_passt_blocks(self.passt)
 
     def spectrogram(self, windows: torch.Tensor) -> torch.Tensor:
         """Log-mel [N, 1, n_mels, input_tdim] of windows [N, window_samples], always computed in float32."""

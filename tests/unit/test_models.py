@@ -259,3 +259,69 @@ def test_legacy_text_dropout_key_sets_both_fields():
     assert (text.hidden_dropout, text.attention_dropout) == (0.1, 0.1)
     with pytest.raises(ConfigError, match=r"model.text.dropout and model.text.hidden_dropout are both set"):
         load_config(TrainConfig, None, ["model.text.dropout=0.3", "model.text.hidden_dropout=0.2"])
+
+
+def _encoder_run(encoder: PaSSTEncoder, audio: torch.Tensor, lengths: torch.Tensor, seed: int = 11):
+    """Embeddings [B, E] and every parameter's gradient of a fixed weighted sum of them."""
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # patchout and drop path draw from torch's global RNG
+    emb = encoder(audio, lengths)
+    (emb * torch.linspace(-1, 1, emb.numel()).view_as(emb)).sum().backward()
+    return emb.detach(), {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_attention_switch_gives_the_same_encoder(train):
+    """model.audio.attention fused and reference, with the same weights, give the same embeddings and gradients
+    (float32 tolerance; patchout and drop path on in training) and the same state-dict keys."""
+    from hear21passt.models.passt import Attention
+
+    from relret.models.attention import FusedAttention
+
+    cfg = dataclasses.replace(TINY_AUDIO, depth=2, s_patchout_t=2, s_patchout_f=1, drop_path_rate=0.2)
+    torch.manual_seed(0)
+    fused = PaSSTEncoder(cfg).train(train)
+    reference = PaSSTEncoder(dataclasses.replace(cfg, attention="reference")).train(train)
+    assert [type(b.attn) for b in fused.passt.blocks] == [FusedAttention] * 2
+    assert [type(b.attn) for b in reference.passt.blocks] == [Attention] * 2
+    assert list(reference.state_dict()) == list(fused.state_dict())
+    reference.load_state_dict(fused.state_dict(), strict=True)
+    rng = np.random.default_rng(4)
+    audio = torch.from_numpy(rng.uniform(-0.5, 0.5, (3, 2 * SR)).astype(np.float32))
+    lengths = torch.tensor([SR // 2, 2 * SR, int(1.5 * SR)])
+    emb_f, grads_f = _encoder_run(fused, audio, lengths)
+    emb_r, grads_r = _encoder_run(reference, audio, lengths)
+    torch.testing.assert_close(emb_f, emb_r, rtol=1e-4, atol=1e-5)
+    assert grads_f.keys() == grads_r.keys() and len(grads_f) > 20
+    for name in grads_r:
+        torch.testing.assert_close(
+            grads_f[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    if train:  # the seed matters (patchout and drop path are live), so equal runs are not trivially equal
+        assert (_encoder_run(fused, audio, lengths, seed=12)[0] - emb_f).abs().max() > 1e-4
+
+
+def test_attention_switch_defaults_to_fused_and_refuses_other_names():
+    """The default is fused (also when a YAML config leaves the key out); another name is refused naming the key and
+    the registered names."""
+    from relret.config import TrainConfig, load_config
+
+    assert AudioEncoderConfig().attention == "fused"
+    assert load_config(TrainConfig, None, []).model.audio.attention == "fused"
+    assert load_config(TrainConfig, None, ["model.audio.attention=reference"]).model.audio.attention == "reference"
+    with pytest.raises(ConfigError, match=r"model.audio.attention: expected one of 'fused', 'reference', got 'flash'"):
+        load_config(TrainConfig, None, ["model.audio.attention=flash"])
+    with pytest.raises(ConfigError, match=r"model.audio.attention: expected one of 'fused', 'reference', got None"):
+        AudioEncoderConfig(attention=None)
+
+
+def test_reference_encoder_loads_a_fused_encoders_state_dict_and_back(tmp_path):
+    """A checkpoint saved with either attention loads strictly into the other (the same keys): no conversion."""
+    torch.manual_seed(0)
+    fused = PaSSTEncoder(TINY_AUDIO).eval()
+    torch.save(fused.passt.state_dict(), tmp_path / "fused.pt")
+    torch.manual_seed(1)
+    reference = PaSSTEncoder(dataclasses.replace(TINY_AUDIO, attention="reference", weights=str(tmp_path / "fused.pt")))
+    audio = torch.zeros(2, SR) + torch.linspace(-0.3, 0.3, SR)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(audio), fused(audio), rtol=1e-4, atol=1e-5)
