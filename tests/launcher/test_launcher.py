@@ -315,7 +315,7 @@ def test_stages_whose_shards_would_not_do_are_refused_before_submission(tmp_path
 
     few = run("data.sbert_dim=384")
     assert few.returncode == 2, few.stderr
-    assert "stages.finetune_clotho: 4 training shard(s) for 4 rank(s) x 4 worker(s) = 16 readers" in few.stderr
+    assert "stages.finetune_clotho: 4 training shard(s) for 4 rank(s) x 12 worker(s) = 48 readers" in few.stderr
     dim = run("data.sbert_dim=768", "data.num_workers=1")
     assert dim.returncode == 2 and "data.sbert_dim=768 but" in dim.stderr and "384-dimensional" in dim.stderr
     ok = run("data.sbert_dim=384", "data.num_workers=1")
