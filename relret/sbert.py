@@ -242,10 +242,9 @@ def model_name(name_or_path: str | os.PathLike | None) -> str:
     return given
 
 
-# Captions per forward pass. sentence-transformers sorts the captions of a call by length and pads each batch to its
-# longest, so on a CPU small batches waste less work on padding: measured on all-MiniLM-L6-v2 over synthetic
-# captions (15 tokens on average, 29 at most), batches of 32 cost 2.75 ms of CPU per caption against 4.40 ms for
-# batches of 256, with the same embeddings to 2e-7. A GPU wants large batches.
+# Captions per forward pass (of one padded length, see PAD_MULTIPLE). On a CPU small batches were cheaper when a batch
+# was padded to its longest (all-MiniLM-L6-v2, synthetic captions of 15 tokens on average: batches of 32 cost 2.75 ms
+# of CPU per caption against 4.40 ms for 256; not re-measured with the length buckets). A GPU wants large batches.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 
