@@ -64,6 +64,29 @@ def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def timer(step: Callable[[], None]) -> Callable[[], float]:
+    """`step` as a contender of `alternate`: it runs once and returns its wall seconds."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def child_peak_rss(name: str, cmd: list[str]) -> int | None:
+    """Peak RSS growth in bytes printed by a child (`cmd`, this script in a --child mode), printed as a line; None
+    (and why) where it could not be measured."""
+    child = subprocess.run(cmd, capture_output=True, text=True)
+    if child.returncode != 0:  # e.g. no /proc/self/clear_refs (not Linux)
+        print(f"  peak RSS of {name} not measured: {child.stderr.strip().splitlines()[-1:]}")
+        return None
+    growth = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_growth"]
+    print(f"  peak RSS growth over one step (fresh process), {name:<13} {growth / MIB:8.0f} MiB")
+    return growth
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -89,15 +112,8 @@ def cpu_bench(args: argparse.Namespace) -> None:
     layers = attention_layers(dim, heads)
     x = torch.randn(args.batch, args.tokens, dim, requires_grad=True)
 
-    def timed(layer: nn.Module) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            attention_step(layer, x)
-            return time.perf_counter() - t0
-
-        return run
-
-    medians = alternate({name: timed(layer) for name, layer in layers.items()}, args.rounds)
+    steps = {name: timer(lambda layer=layer: attention_step(layer, x)) for name, layer in layers.items()}
+    medians = alternate(steps, args.rounds)
     print(
         f"CPU ({torch.get_num_threads()} threads), one attention layer {dim}/{heads} heads, batch {args.batch} x "
         f"{args.tokens} tokens, forward+backward, median of {args.rounds} alternating rounds:"
@@ -116,19 +132,13 @@ def cpu_bench(args: argparse.Namespace) -> None:
     for name in layers:
         cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch), "--tokens", str(args.tokens)]
         cmd += ["--dim", str(dim), "--heads", str(heads), "--threads", str(args.threads)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:  # e.g. no /proc/self/clear_refs (not Linux)
-            print(f"  peak RSS of {name} not measured: {child.stderr.strip().splitlines()[-1:]}")
-            continue
-        growth = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_growth"]
-        print(f"  peak RSS growth over one step (fresh process), {name:<13} {growth / MIB:8.0f} MiB")
+        child_peak_rss(name, cmd)
 
 
-def passt_blocks(depth: int, checkpointed: bool) -> nn.Module:
-    """A PaSST-S (768 wide, 12 heads, stride 16, 128 x 998 input) of `depth` blocks with fused attention, training."""
+def passt_s(depth: int = 12) -> nn.Module:
+    """hear21passt's PaSST-S (768 wide, 12 heads, stride 16, 128 x 998 input) of `depth` blocks with its own
+    attention, random weights (seed 0), no classification heads."""
     from hear21passt.models import passt as passt_module
-
-    from relret.models.attention import fuse_passt_attention
 
     passt_module.first_RUN = False
     torch.manual_seed(0)
@@ -138,6 +148,14 @@ def passt_blocks(depth: int, checkpointed: bool) -> nn.Module:
     )  # fmt: skip
     model.head = nn.Identity()
     model.head_dist = None
+    return model
+
+
+def passt_blocks(depth: int, checkpointed: bool) -> nn.Module:
+    """`passt_s(depth)` with fused attention, in training mode."""
+    from relret.models.attention import fuse_passt_attention
+
+    model = passt_s(depth)
     fuse_passt_attention(model)
     if checkpointed:
         checkpoint_passt_blocks(model)
@@ -166,15 +184,8 @@ def cpu_checkpoint_bench(args: argparse.Namespace) -> None:
     models = {"plain": passt_blocks(depth, False), "checkpointed": passt_blocks(depth, True)}
     spec = torch.randn(batch, 1, 128, 998)
 
-    def timed(model: nn.Module) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            passt_step(model, spec)
-            return time.perf_counter() - t0
-
-        return run
-
-    medians = alternate({name: timed(model) for name, model in models.items()}, args.rounds)
+    steps = {name: timer(lambda model=model: passt_step(model, spec)) for name, model in models.items()}
+    medians = alternate(steps, args.rounds)
     print(
         f"CPU ({torch.get_num_threads()} threads), PaSST-S {depth} block(s), fused attention, batch {batch} x 10 s "
         f"(498 tokens), forward+backward, median of {args.rounds} alternating rounds:"
@@ -188,36 +199,14 @@ def cpu_checkpoint_bench(args: argparse.Namespace) -> None:
     for name in models:
         cmd = [sys.executable, __file__, "--checkpoint-child", name, "--checkpoint-blocks", str(depth)]
         cmd += ["--checkpoint-batch", str(batch), "--threads", str(args.threads)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:
-            print(f"  peak RSS of {name} not measured: {child.stderr.strip().splitlines()[-1:]}")
-            continue
-        growth[name] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_growth"]
-        print(f"  peak RSS growth over one step (fresh process), {name:<13} {growth[name] / MIB:8.0f} MiB")
-    if len(growth) == 2:
+        growth[name] = child_peak_rss(name, cmd)
+    if None not in growth.values():
         print(f"  checkpointed / plain = {growth['checkpointed'] / growth['plain']:.2f}x peak RSS growth")
 
 
 def cuda_bench(args: argparse.Namespace) -> None:
-    from hear21passt.models import passt as passt_module
-
-    passt_module.first_RUN = False
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = passt_module.PaSST(
-        img_size=(128, 998),
-        patch_size=16,
-        stride=(16, 16),
-        in_chans=1,
-        num_classes=0,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        distilled=True,
-    )
-    model.head = nn.Identity()
-    model.head_dist = None
-    model = model.to(device).train()
+    model = passt_s().to(device).train()
     hand = [block.attn for block in model.blocks]
     # Both sets of attention modules hold the same parameters; `configure` puts one set into the blocks per step.
     fused = [FusedAttention.from_attention(attn) for attn in hand]
