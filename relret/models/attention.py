@@ -133,6 +133,27 @@ def _passt_blocks(passt: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
+def _swap_attention(passt: nn.Module, source: type, convert, refusal: str) -> int:
+    """Replace every block's `attn` of type `source` by `convert(attn)`; the number swapped. Every block is checked
+    first (its attention must be hear21passt's or FusedAttention, else ValueError ending in `refusal`), so a refused
+    model is left untouched."""
+    from hear21passt.models.passt import Attention
+
+    blocks = _passt_blocks(passt)
+    for i, block in enumerate(blocks):
+        if type(block.attn) not in (Attention, FusedAttention):
+            raise ValueError(
+                f"{type(passt).__name__}.blocks[{i}].attn is {type(block.attn).__module__}.{type(block.attn).__name__}"
+                f"; {refusal}"
+            )
+    swapped = 0
+    for block in blocks:
+        if type(block.attn) is source:
+            block.attn = convert(block.attn)
+            swapped += 1
+    return swapped
+
+
 def fuse_passt_attention(passt: nn.Module) -> int:
     """Replace every block's hear21passt `Attention` with a `FusedAttention` holding the same parameters.
 
@@ -142,19 +163,9 @@ def fuse_passt_attention(passt: nn.Module) -> int:
     """
     from hear21passt.models.passt import Attention
 
-    blocks = _passt_blocks(passt)
-    for i, block in enumerate(blocks):  # check everything before changing anything
-        if type(block.attn) not in (Attention, FusedAttention):
-            raise ValueError(
-                f"{type(passt).__name__}.blocks[{i}].attn is {type(block.attn).__module__}.{type(block.attn).__name__}"
-                "; only hear21passt.models.passt.Attention can be fused"
-            )
-    swapped = 0
-    for block in blocks:
-        if type(block.attn) is Attention:
-            block.attn = FusedAttention.from_attention(block.attn)
-            swapped += 1
-    return swapped
+    return _swap_attention(
+        passt, Attention, FusedAttention.from_attention, "only hear21passt.models.passt.Attention can be fused"
+    )
 
 
 def unfuse_passt_attention(passt: nn.Module) -> int:
@@ -166,25 +177,20 @@ def unfuse_passt_attention(passt: nn.Module) -> int:
     """
     from hear21passt.models.passt import Attention
 
-    blocks = _passt_blocks(passt)
-    for i, block in enumerate(blocks):
-        if type(block.attn) not in (Attention, FusedAttention):
-            raise ValueError(
-                f"{type(passt).__name__}.blocks[{i}].attn is {type(block.attn).__module__}.{type(block.attn).__name__}"
-                "; only relret's FusedAttention can be swapped back to hear21passt's Attention"
-            )
-    swapped = 0
-    for block in blocks:
-        fused = block.attn
-        if type(fused) is FusedAttention:
-            reference = Attention.__new__(Attention)  # its __init__ would draw fresh weights only to drop them
-            nn.Module.__init__(reference)
-            for name in ("num_heads", "scale", "qkv", "attn_drop", "proj", "proj_drop"):
-                setattr(reference, name, getattr(fused, name))
-            reference.train(fused.training)
-            block.attn = reference
-            swapped += 1
-    return swapped
+    def to_reference(fused: FusedAttention) -> nn.Module:
+        reference = Attention.__new__(Attention)  # its __init__ would draw fresh weights only to drop them
+        nn.Module.__init__(reference)
+        for name in ("num_heads", "scale", "qkv", "attn_drop", "proj", "proj_drop"):
+            setattr(reference, name, getattr(fused, name))
+        reference.train(fused.training)
+        return reference
+
+    return _swap_attention(
+        passt,
+        FusedAttention,
+        to_reference,
+        "only relret's FusedAttention can be swapped back to hear21passt's Attention",
+    )
 
 
 def _checkpointed_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
