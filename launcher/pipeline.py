@@ -147,7 +147,8 @@ def check_inputs(cfg: PipelineConfig, local: bool = False) -> None:
         stage = cfg.stages[name]
         if not cfg.script(name).is_file():
             problems.append(f"stages.{name}.script: {cfg.script(name)} does not exist")
-        if stage.kind == "train" and not cfg.train_config(name).is_file():
+        config_file = cfg.train_config(name) if stage.kind == "train" else None
+        if config_file is not None and not config_file.is_file():
             where = (
                 f"{stage.config} does not exist"
                 if Path(stage.config).expanduser().is_absolute()
@@ -161,7 +162,7 @@ def check_inputs(cfg: PipelineConfig, local: bool = False) -> None:
                 f"run; enable it or point stages.{parent}.run_dir at a finished run"
             )
         args = stage_args(cfg, name)  # placeholders
-        if stage.kind == "train" and cfg.train_config(name).is_file() and uses_relret_training(cfg):
+        if config_file is not None and config_file.is_file() and uses_relret_training(cfg):
             config_problems = _training_config_problems(name, args)
             problems += config_problems
             if not config_problems:
