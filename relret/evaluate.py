@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if graded is not None:
                 print(_graded_markdown(graded))
             print(f"wrote {out}/eval.json ({result.info['n_clips']} clips, {result.info['n_captions']} captions)")
-            print(coverage_line(result.info["coverage"]))
+            print(line)
         return 0
     finally:
         distributed.cleanup_distributed()
