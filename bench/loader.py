@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tarfile
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from relret import shard_format  # noqa: E402
 from relret.config import DataConfig, ShardSource  # noqa: E402
-from relret.flac_crop import crop_window, decode_flac_window, flac_frames  # noqa: E402
+from relret.flac_crop import crop_window, decode_flac_window, flac_frames, read_flac_window  # noqa: E402
 
 SR = shard_format.SAMPLE_RATE_HZ
 
@@ -83,10 +82,17 @@ def flac_in_memory(shard_dir: Path) -> list[tuple[bytes, int]]:
     return out
 
 
-def decode_rate(clips: list[tuple[bytes, int]], crop_s: float, whole: bool, per_caption: bool, rounds: int) -> float:
-    """Training samples per CPU second of this process decoding one crop per sample (median of `rounds` passes):
-    the window only, or (`whole`) the whole clip then a slice."""
+DECODES = ("pcm", "float", "whole")
+"""pcm: the window as int16 into one reused buffer (`read_flac_window`, what the stream does); float: the window to a
+new float32 array (`decode_flac_window`, the stream's decode before int16 batches); whole: the whole clip to float32,
+then a slice (`shard_format.decode_flac`, before crop decoding)."""
+
+
+def decode_rate(clips: list[tuple[bytes, int]], crop_s: float, how: str, per_caption: bool, rounds: int) -> float:
+    """Training samples per CPU second of this process decoding one crop per sample (median of `rounds` passes),
+    the `DECODES` way `how`."""
     crop_frames = round(crop_s * SR)
+    buffer = np.empty(crop_frames, dtype=np.int16)
     rates = []
     for r in range(rounds):
         rng = np.random.default_rng(r)
@@ -95,10 +101,12 @@ def decode_rate(clips: list[tuple[bytes, int]], crop_s: float, whole: bool, per_
         for data, captions in clips:
             for _ in range(captions if per_caption else 1):
                 start, length = crop_window(flac_frames(data), crop_frames, rng)
-                if whole:
-                    shard_format.decode_flac(data)[0][start : start + length]
-                else:
+                if how == "pcm":
+                    read_flac_window(data, start, buffer[:length])
+                elif how == "float":
                     decode_flac_window(data, start, length)
+                else:
+                    shard_format.decode_flac(data)[0][start : start + length]
                 n += 1
         rates.append(n / max(time.process_time() - cpu, 1e-9))
     return statistics.median(rates)
@@ -118,35 +126,53 @@ def data_config(shard_dir: Path, crop_s: float, workers: int, args: argparse.Nam
     )
 
 
+def timed_stream(*args, **kwargs):
+    """relret.data.TrainStream whose batches carry the CPU seconds their worker process had used when it yielded
+    them (`worker_cpu_s`: every thread of the worker, so sending the previous batch is included)."""
+    from relret.data import TrainStream
+
+    class TimedStream(TrainStream):
+        def __iter__(self):
+            for batch in super().__iter__():
+                batch.worker_cpu_s = time.process_time()
+                yield batch
+
+    return TimedStream(*args, **kwargs)
+
+
 def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batches: int, args) -> dict:
-    """Clips/s of the real training stream with `workers` DataLoader workers, over the batches after the first, and
-    clips per worker CPU second over the whole run (start included; the workers' CPU time, read when they end)."""
-    from relret.data import TrainStream, make_loader, open_shard_dir
+    """Clips/s of the real training stream with `workers` DataLoader workers, over the batches after each worker's
+    first (the workers' start and the shuffle buffer's fill are left out), and clips per worker CPU second over the
+    same batches: the CPU each worker used between yielding its first and its last batch, for the batches in
+    between."""
+    from relret.data import make_loader, open_shard_dir
 
     cfg = data_config(shard_dir, crop_s, workers, args)
     sets = [open_shard_dir(str(shard_dir), cfg.sbert_dim)]
     if len(sets[0].urls) < max(workers, 1):
         raise ValueError(f"{len(sets[0].urls)} shard(s) in {shard_dir} for {workers} workers: write smaller shards")
-    stream = TrainStream(
-        sets, cfg, seed=0, epoch=0, rank=0, world_size=1, batch_size=batch, batches=batches + 1, start=None
+    n_workers = max(workers, 1)
+    stream = timed_stream(
+        sets, cfg, seed=0, epoch=0, rank=0, world_size=1, batch_size=batch, batches=batches + n_workers, start=None
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    clips, t_first = 0, None
+    cpu: dict[int, list[float]] = {}
+    clips: dict[int, int] = {}
+    t_first = None
     with make_loader(stream, cfg) as loader:
         for i, b in enumerate(loader):
-            if i == 0:
+            if i == n_workers - 1:
                 t_first = time.perf_counter()
-            else:
-                clips += len(b)
+            cpu.setdefault(b.info.worker, []).append(b.worker_cpu_s)
+            if len(cpu[b.info.worker]) > 1:
+                clips[b.info.worker] = clips.get(b.info.worker, 0) + len(b)
         t_end = time.perf_counter()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    worker_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    rate = clips / (t_end - t_first)
+    rate = sum(clips.values()) / (t_end - t_first)
+    worker_cpu_s = sum(c[-1] - c[0] for c in cpu.values())
     return {
         "workers": workers,
         "clips_per_s": rate,
-        "per_worker": rate / max(workers, 1),
-        "per_worker_cpu_s": (clips + batch) / worker_cpu_s if workers and worker_cpu_s > 0 else None,
+        "per_worker": rate / n_workers,
+        "per_worker_cpu_s": sum(clips.values()) / worker_cpu_s if workers and worker_cpu_s > 0 else None,
     }
 
 
@@ -159,8 +185,7 @@ def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) 
         "shape": shape,
         "clip_s": statistics.mean(flac_frames(d) for d, _ in clips) / SR,
         "mb_per_clip": statistics.mean(len(d) for d, _ in clips) / 1e6,
-        "crop": decode_rate(clips, args.crop_s, whole=False, per_caption=per_caption, rounds=args.rounds),
-        "whole": decode_rate(clips, args.crop_s, whole=True, per_caption=per_caption, rounds=args.rounds),
+        **{how: decode_rate(clips, args.crop_s, how, per_caption, args.rounds) for how in DECODES},
         "streams": [stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args) for w in args.workers],
     }
     return out
@@ -172,17 +197,18 @@ def print_shape(r: dict, crop_s: float) -> None:
         "clips/s are training samples per second"
     )
     print(
-        f"  decode from RAM, one core:  crop {r['crop']:7.1f} clips/CPU-s (the ceiling)   whole clip then slice "
-        f"{r['whole']:7.1f}   crop / whole = {r['crop'] / r['whole']:.2f}x"
+        f"  decode from RAM, one core:  crop to int16 {r['pcm']:7.1f} clips/CPU-s (the ceiling)   crop to float32 "
+        f"{r['float']:7.1f}   whole clip then slice {r['whole']:7.1f}   int16 crop / whole = "
+        f"{r['pcm'] / r['whole']:.2f}x"
     )
     for s in r["streams"]:
         cpu, cpu_ratio = "n/a", ""
         if s["per_worker_cpu_s"]:
             cpu = f"{s['per_worker_cpu_s']:6.1f} clips/worker-CPU-s"
-            cpu_ratio = f", per worker-CPU-s / ceiling = {s['per_worker_cpu_s'] / r['crop']:.2f}"
+            cpu_ratio = f", per worker-CPU-s / ceiling = {s['per_worker_cpu_s'] / r['pcm']:.2f}"
         print(
             f"  stream, {s['workers']} worker(s):  {s['clips_per_s']:7.1f} clips/s  {s['per_worker']:7.1f} per worker "
-            f"({cpu})   per worker / ceiling = {s['per_worker'] / r['crop']:.2f}{cpu_ratio}"
+            f"({cpu})   per worker / ceiling = {s['per_worker'] / r['pcm']:.2f}{cpu_ratio}"
         )
 
 
@@ -194,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--crop-s", type=float, default=DataConfig.crop_s, help="crop length (data.crop_s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to run")
     p.add_argument("--batch", type=int, default=16, help="clips per batch")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per stream run (after one untimed)")
+    p.add_argument("--batches", type=int, default=16, help="timed batches per stream run (after one per worker)")
     p.add_argument("--rounds", type=int, default=3, help="passes of the in-memory decodes (median)")
     p.add_argument("--epoch-unit", choices=("clip", "caption"), default="caption")
     p.add_argument("--shuffle-buffer", type=int, default=64)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import signal
 import sys
 import time
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relret import shard_format, storage
 from relret.config import ConfigError, DataConfig
-from relret.flac_crop import crop_window, decode_flac_window
+from relret.flac_crop import PCM_FULL_SCALE, crop_window, read_flac_window
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shard directories
@@ -254,19 +255,49 @@ class UnreadableShards(RuntimeError):
     """Shard after shard gave no sample: the data is unreadable, training cannot go on."""
 
 
+_WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
+"""Member names webdataset's tar reader leaves out (its `skip_meta`)."""
+
+
+def _local_tar_files(path: str, handler: DamageCounter) -> Iterator[dict]:
+    """The regular files of a local tar shard, as webdataset's tar expander yields them (fname, data, __url__), each
+    member's bytes read with one read call. webdataset reads tars in stream mode, which copies a member through
+    10 KiB chunks: for minute-long WavCaps FLACs that costs about a fifth of the crop decode (bench/loader.py), and
+    a local file needs no streaming. A read that fails (a truncated or corrupt shard) goes to `handler` and ends
+    the shard, as webdataset's reader does."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isreg() and not _WEBDATASET_META.match(member.name):
+                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+    except Exception as exn:  # noqa: BLE001 (webdataset's contract: the handler decides)
+        if not handler(exn):
+            raise
+
+
+def _shard_samples(url: str, handler: DamageCounter) -> Iterator[dict]:
+    """The samples (member suffix -> bytes, with __key__ and __url__) of one shard: S3 shards streamed by
+    webdataset, local ones read with random access (`_local_tar_files`); webdataset groups the members by key."""
+    import webdataset as wds
+
+    if storage.is_s3(url):
+        return wds.tarfile_to_samples(handler=handler)([{"url": url}])
+    return wds.tariterators.group_by_keys(_local_tar_files(url, handler), handler=handler)
+
+
 def _raw_samples(
     positioned_urls: Iterator[tuple[int, str]], damage: DamageCounter, expected: dict[str, int], reads: list[int]
 ) -> Iterator[dict]:
     """Raw samples (member -> bytes) of each drawn shard, tagged with (position, index in shard). A shard that
     raises while being read, or holds fewer samples than `expected` (its manifest count), counts as damaged;
     `reads[0]` counts the shards read to their end."""
-    import webdataset as wds
-
     empty_in_a_row = 0
     for position, url in positioned_urls:
         damage.flagged, damage.url = False, url
         index = -1
-        for index, sample in enumerate(wds.tarfile_to_samples(handler=damage)([{"url": url}])):
+        for index, sample in enumerate(_shard_samples(url, damage)):
             sample["__pos__"] = (position, index)
             yield sample
         if not damage.flagged and index + 1 < expected.get(url, 0):
@@ -304,8 +335,10 @@ class StreamInfo:
 class Batch:
     """B clips with one caption each (training), or every clip of a validation batch with all its captions."""
 
-    audio: torch.Tensor
-    """[B, T] float32 at 32 kHz, zero-padded to the longest clip."""
+    pcm: torch.Tensor
+    """[B, T] int16 PCM samples at 32 kHz (the shards' 16-bit FLAC, decoded without conversion), zero-padded to the
+    longest clip; `audio` is the float32 signal. Batches travel from the loader's workers, and to the GPU, at half
+    the bytes of float32."""
     audio_len: torch.Tensor
     """[B] valid samples per row."""
     captions: list[str]
@@ -330,14 +363,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def audio(self) -> torch.Tensor:
+        """[B, T] float32 in [-1, 1), on the device of `pcm`: PCM / 32768, exactly what decoding the FLAC to float
+        gives (`shard_format.decode_flac`). Computed on each access: move the batch first (`to`), then read it."""
+        return self.pcm.float().mul_(1.0 / PCM_FULL_SCALE)
+
     def __getitem__(self, name: str) -> Any:
         """`batch["audio"]`, `batch["worker"]`: a field, or a field of its `info`, by name (read-only; the layout of
         batches before they were typed)."""
-        if name in _BATCH_FIELDS:
+        if name in _BATCH_FIELDS or name == "audio":
             return getattr(self, name)
         if self.info is not None and name in _INFO_FIELDS:
             return getattr(self.info, name)
-        raise KeyError(f"a Batch has no field {name!r}; it has {', '.join(sorted(_BATCH_FIELDS | _INFO_FIELDS))}")
+        names = ", ".join(sorted(_BATCH_FIELDS | _INFO_FIELDS | {"audio"}))
+        raise KeyError(f"a Batch has no field {name!r}; it has {names}")
 
     def _map(self, fn) -> Batch:
         return dataclasses.replace(
@@ -365,7 +405,8 @@ _INFO_FIELDS = frozenset(f.name for f in dataclasses.fields(StreamInfo))
 class _Clip:
     key: str
     clip_id: int
-    audio: np.ndarray
+    pcm: np.ndarray
+    """int16 PCM of the clip's window (a view of a `_RowBuffers` row until the batch is collated)."""
     caption: str
     caption_sbert: np.ndarray
     all_sbert: np.ndarray
@@ -382,21 +423,51 @@ def _decode(raw: dict, sbert_dim: int) -> shard_format.EncodedSample:
     return sample
 
 
+class _RowBuffers:
+    """One reusable int16 buffer per row of a batch, grown to the longest window it has held: clips are decoded
+    into these, and only the collated batch is a new allocation (`_pcm_batch`), so a worker does not allocate and
+    fault in fresh pages for every clip."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
+
+    def row(self, i: int, frames: int) -> np.ndarray:
+        """Row i's buffer, at least `frames` long, as a view of exactly `frames`."""
+        while len(self._rows) <= i:
+            self._rows.append(np.empty(0, dtype=np.int16))
+        if len(self._rows[i]) < frames:
+            self._rows[i] = np.empty(frames, dtype=np.int16)
+        return self._rows[i][:frames]
+
+
+def _pcm_batch(rows: int, length: int) -> torch.Tensor:
+    """An uninitialised int16 [rows, length] tensor; in a DataLoader worker, in shared memory, the way torch's own
+    default_collate allocates in workers: handing it to the training process then copies nothing (an ordinary
+    tensor is copied into a new shared-memory block when the worker sends it)."""
+    if get_worker_info() is None:
+        return torch.empty((rows, length), dtype=torch.int16)
+    storage = torch.empty(0, dtype=torch.int16)._typed_storage()._new_shared(rows * length)
+    return torch.empty(0, dtype=torch.int16).new(storage).view(rows, length)
+
+
 def collate(clips: Sequence[_Clip], max_captions: int) -> Batch:
-    """Stack clips into a batch (audio zero-padded to the longest clip, caption vectors to `max_captions`)."""
+    """Stack clips into a batch (PCM zero-padded to the longest clip, caption vectors to `max_captions`)."""
     batch, dim = len(clips), clips[0].caption_sbert.shape[0]
-    length = max(len(c.audio) for c in clips)
-    audio = np.zeros((batch, length), dtype=np.float32)
+    length = max(len(c.pcm) for c in clips)
+    pcm = _pcm_batch(batch, length)
+    pcm_np = pcm.numpy()
     clip_sbert = np.zeros((batch, max_captions, dim), dtype=np.float32)
     caption_mask = np.zeros((batch, max_captions), dtype=bool)
     for i, c in enumerate(clips):
-        audio[i, : len(c.audio)] = c.audio
+        n = len(c.pcm)
+        pcm_np[i, :n] = c.pcm
+        pcm_np[i, n:] = 0
         n = min(len(c.all_sbert), max_captions)
         clip_sbert[i, :n] = c.all_sbert[:n]
         caption_mask[i, :n] = True
     return Batch(
-        audio=torch.from_numpy(audio),
-        audio_len=torch.tensor([len(c.audio) for c in clips], dtype=torch.long),
+        pcm=pcm,
+        audio_len=torch.tensor([len(c.pcm) for c in clips], dtype=torch.long),
         captions=[c.caption for c in clips],
         caption_sbert=torch.from_numpy(np.stack([c.caption_sbert for c in clips]).astype(np.float32)),
         clip_sbert=torch.from_numpy(clip_sbert),
@@ -486,7 +557,8 @@ class TrainStream(IterableDataset):
         self.crop_samples = int(round(cfg.crop_s * shard_format.SAMPLE_RATE_HZ))
         self.per_caption = cfg.epoch_unit == "caption"
 
-    def _clip(self, raw: dict) -> _Clip:
+    def _clip(self, raw: dict, rows: _RowBuffers, row: int) -> _Clip:
+        """The training sample of a raw sample: its caption and random crop, decoded into `rows.row(row, ...)`."""
         sample = _decode(raw, self.cfg.sbert_dim)
         position, index = raw["__pos__"]
         if self.per_caption:  # the caption is given; each caption of the clip gets a crop of its own
@@ -499,7 +571,7 @@ class TrainStream(IterableDataset):
         return _Clip(
             key=sample.key,
             clip_id=sample.meta.clip_id,
-            audio=decode_flac_window(sample.flac, start, length),
+            pcm=read_flac_window(sample.flac, start, rows.row(row, length)),
             caption=sample.meta.captions[pick],
             caption_sbert=sample.sbert[pick].astype(np.float32),
             all_sbert=sample.sbert.astype(np.float32),
@@ -532,12 +604,13 @@ class TrainStream(IterableDataset):
             pass
         reported = (0, 0, 0)
         clips: list[_Clip] = []
+        rows = _RowBuffers()
         for batches_done in range(pos.batches_done, quota):
             while len(clips) < self.batch_size:
                 sample = next(raw)
                 raw_pos += 1
                 try:
-                    clips.append(self._clip(sample))
+                    clips.append(self._clip(sample, rows, len(clips)))
                 except Exception as exn:  # a damaged sample: counted and skipped
                     sample_damage.url = sample.get("__url__", "?")
                     sample_damage.record(exn)
@@ -573,10 +646,11 @@ class ValStream(IterableDataset):
         urls = self.urls[self.rank :: self.world_size][worker::num_workers]
         damage = DamageCounter("damaged validation shard data")
         clips: list[_Clip] = []
+        rows = _RowBuffers()
         for raw in _raw_samples(enumerate(urls), damage, self.expected, [0]):
             try:
                 sample = _decode(raw, self.cfg.sbert_dim)
-                audio = decode_flac_window(sample.flac, 0, self.crop_samples)
+                pcm = read_flac_window(sample.flac, 0, rows.row(len(clips), min(sample.frames, self.crop_samples)))
             except Exception as exn:
                 damage.url = raw.get("__url__", "?")
                 damage.record(exn)
@@ -585,7 +659,7 @@ class ValStream(IterableDataset):
                 _Clip(
                     key=sample.key,
                     clip_id=sample.meta.clip_id,
-                    audio=audio,
+                    pcm=pcm,
                     caption=sample.meta.captions[0],
                     caption_sbert=sample.sbert[0].astype(np.float32),
                     all_sbert=sample.sbert.astype(np.float32),

@@ -73,7 +73,7 @@ def embed_collection(
         torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
     ):
         for batch in loader:
-            audio.append(model.encode_audio(batch.audio.to(device), batch.audio_len.to(device), normalize=True))
+            audio.append(model.encode_audio(batch.to(device).audio, batch.audio_len.to(device), normalize=True))
             clip_ids.append(batch.clip_ids)
             batch_captions = [c for caps in batch.all_captions for c in caps]
             text.append(model.encode_text(batch_captions, normalize=True))

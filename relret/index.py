@@ -125,7 +125,7 @@ def _embed_shard_audio(model, shard_dirs: Sequence[str], batch_size: int, max_du
     with torch.no_grad(), make_loader(ValStream(sets, cfg, 0, 1), cfg) as loader:
         for batch in loader:
             emb = model.model.encode_audio(
-                batch.audio.to(model.device), batch.audio_len.to(model.device), normalize=True
+                batch.to(model.device).audio, batch.audio_len.to(model.device), normalize=True
             )
             embeddings.append(emb.float().cpu().numpy())
             names.extend(batch.source_files)

@@ -188,6 +188,52 @@ def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd
     assert [b["keys"] for b in rest] == [b["keys"] for b in batches[5:]]
 
 
+def _read_shard(read, url):
+    """(samples, damage flagged) of one shard through `read(url, handler)`."""
+    from relret.data import DamageCounter
+
+    damage = DamageCounter("test")
+    damage.url = url
+    samples = [{k: v for k, v in raw.items() if k != "__local_path__"} for raw in read(url, damage)]
+    return samples, damage.flagged
+
+
+def test_local_shards_read_with_random_access_give_webdatasets_samples(tmp_path, capfd):
+    """Local shards are read member by member with random access (relret.data._shard_samples) instead of through
+    webdataset's stream reader: the same samples, keys and bytes, for an intact shard and for shards cut at several
+    points. Both flag a cut inside a member's data; a cut inside a header or between samples ends the tar as if
+    cleanly in both, and the manifest count reveals it (test_shard_cut_at_a_block_boundary_counts_as_damaged)."""
+    import webdataset as wds
+
+    from relret.data import _shard_samples
+
+    def streamed(url, handler):
+        return wds.tarfile_to_samples(handler=handler)([{"url": url}])
+
+    write_shard_dir(tmp_path / "a", n_clips=6, per_shard=6, durations_s=(1.0, 2.5), seed=5)
+    shard = tmp_path / "a" / "synth-train-000000.tar"
+    data = shard.read_bytes()
+    intact, flagged = _read_shard(_shard_samples, str(shard))
+    assert (intact, flagged) == _read_shard(streamed, str(shard))
+    assert not flagged and len(intact) == 6 and all(set(shard_format.MEMBERS) <= set(s) for s in intact)
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    per_sample = len(shard_format.MEMBERS)
+    cuts = {  # where: (cut, samples read (the last one may lack members), flagged)
+        "in a header": (members[per_sample + 1].offset + 100, 2, False),
+        "in member data": (members[2 * per_sample + 1].offset_data + members[2 * per_sample + 1].size // 2, 3, True),
+        "between samples": (members[2 * per_sample].offset, 2, False),
+        "in the end blocks": (len(data) - 700, 6, False),
+    }
+    for where, (cut, n_samples, flagged) in cuts.items():
+        cut_shard = tmp_path / f"cut-{where.replace(' ', '-')}.tar"
+        cut_shard.write_bytes(data[:cut])
+        local = _read_shard(_shard_samples, str(cut_shard))
+        assert local == _read_shard(streamed, str(cut_shard)), where
+        assert (len(local[0]), local[1]) == (n_samples, flagged), where
+    capfd.readouterr()
+
+
 def test_validation_reads_every_clip_once_with_all_captions(corpus):
     """2 ranks x 2 workers together see each validation clip once, with all of its captions, cut to val_crop_s."""
     root, records, _ = corpus

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 
 from relret import shard_format
-from relret.flac_crop import crop_window, decode_flac_window, flac_frames, flac_info
+from relret.flac_crop import PCM_FULL_SCALE, crop_window, decode_flac_window, flac_frames, flac_info, read_flac_window
 
 SR = shard_format.SAMPLE_RATE_HZ
 BLOCK = 4096  # libsndfile's FLAC block size (checked in test_clips_use_the_block_size_the_tests_aim_at)
@@ -73,11 +73,48 @@ def test_window_equals_full_decode_sliced(clip):
         assert np.array_equal(got, want), (start, frames)
 
 
+def test_pcm_window_is_the_float_window_exactly(clip):
+    """read_flac_window's int16 PCM / 32768 is, bit for bit, the full float decode's slice: every window of
+    test_window_equals_full_decode_sliced, into a longer reused buffer whose other samples it leaves alone."""
+    data, full = clip
+    rng = np.random.default_rng(len(full) + 1)
+    buffer = np.full(len(full) + 64, 12345, dtype=np.int16)
+    for start, frames in _windows(len(full), rng):
+        frames = min(frames, len(buffer))
+        buffer[:] = 12345
+        got = read_flac_window(data, start, buffer[:frames])
+        want = full[start : start + frames]
+        assert got.dtype == np.int16 and len(got) == len(want), (start, frames)
+        assert np.shares_memory(got, buffer) or len(got) == 0
+        assert np.array_equal(got.astype(np.float32) / PCM_FULL_SCALE, want), (start, frames)
+        assert (buffer[len(got) :] == 12345).all(), (start, frames)
+
+
+def test_pcm_window_refuses_what_it_cannot_read_exactly():
+    """Stereo and 24-bit FLAC (not what shard_format writes) and an out that is not an int16 vector are refused
+    naming the problem; a truncated stream raises as decode_flac_window does."""
+    rng = np.random.default_rng(4)
+    out = np.zeros(SR, dtype=np.int16)
+    with pytest.raises(ValueError, match="2 channel.*mono 16-bit"):
+        read_flac_window(_encode_any(0.1 * rng.standard_normal((SR, 2)), SR), 0, out)
+    with pytest.raises(ValueError, match="24 bits.*mono 16-bit"):
+        read_flac_window(_encode_any(0.1 * rng.standard_normal(SR), SR, "PCM_24"), 0, out)
+    data = shard_format.encode_flac(np.zeros(2 * SR, dtype=np.float32))
+    for bad in (np.zeros(10, np.float32), np.zeros((2, 10), np.int16), np.zeros(20, np.int16)[::2]):
+        with pytest.raises(ValueError, match="C-contiguous int16 vector"):
+            read_flac_window(data, 0, bad)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        read_flac_window(data, -1, out)
+    noisy = shard_format.encode_flac(rng.uniform(-1, 1, 4 * SR).astype(np.float32))
+    with pytest.raises((ValueError, soundfile.LibsndfileError)):
+        read_flac_window(noisy[: len(noisy) // 2], 3 * SR, out)
+
+
 def test_header_gives_frames_and_rate(clip):
     """flac_frames/flac_info read the length and rate from the header, equal to the decoded length."""
     data, full = clip
     assert flac_frames(data) == len(full)
-    assert flac_info(data) == (len(full), SR, 1)
+    assert flac_info(data) == (len(full), SR, 1, 16)
 
 
 def test_clips_use_the_block_size_the_tests_aim_at():
@@ -87,9 +124,9 @@ def test_clips_use_the_block_size_the_tests_aim_at():
     assert (min_block, max_block) == (BLOCK, BLOCK)
 
 
-def _encode_any(audio: np.ndarray, sample_rate_hz: int) -> bytes:
+def _encode_any(audio: np.ndarray, sample_rate_hz: int, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
-    soundfile.write(buf, audio, sample_rate_hz, format="FLAC", subtype="PCM_16")
+    soundfile.write(buf, audio, sample_rate_hz, format="FLAC", subtype=subtype)
     return buf.getvalue()
 
 
@@ -100,17 +137,22 @@ def test_stereo_windows_average_channels_like_decode_flac():
     stereo = np.stack([0.4 * rng.standard_normal(n), rng.uniform(-1, 1, n)], axis=1)
     data = _encode_any(stereo, SR)
     full, _ = shard_format.decode_flac(data)
-    assert flac_info(data) == (n, SR, 2)
+    assert flac_info(data) == (n, SR, 2, 16)
     for start, frames in _windows(n, rng):
         assert np.array_equal(decode_flac_window(data, start, frames), full[start : start + frames]), (start, frames)
 
 
 def test_header_of_other_rates_and_channel_counts():
     """flac_info agrees with libsndfile on rate, channels and length of files not written by encode_flac."""
-    for rate, channels, n in [(44_100, 1, 44_100 * 2 + 5), (48_000, 2, 4000), (16_000, 6, 1)]:
-        data = _encode_any(np.zeros((n, channels)), rate)
+    for rate, channels, n, subtype, bits in [
+        (44_100, 1, 44_100 * 2 + 5, "PCM_16", 16),
+        (48_000, 2, 4000, "PCM_24", 24),
+        (16_000, 6, 1, "PCM_S8", 8),
+    ]:
+        data = _encode_any(np.zeros((n, channels)), rate, subtype)
         info = soundfile.info(io.BytesIO(data))
-        assert flac_info(data) == (info.frames, info.samplerate, info.channels) == (n, rate, channels)
+        assert info.subtype == subtype
+        assert flac_info(data) == (info.frames, info.samplerate, info.channels, bits) == (n, rate, channels, bits)
 
 
 def test_bad_input_is_refused():
