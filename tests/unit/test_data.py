@@ -6,9 +6,11 @@ import io
 import json
 import tarfile
 from collections import Counter
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
+import torch
 from kit.shards import read_shard_with_tarfile, truncate_shard, write_shard_dir
 
 from relret import shard_format, storage
@@ -63,6 +65,71 @@ def test_two_ranks_of_four_read_what_one_rank_of_eight_reads(corpus):
             assert batch["captions"] == ranks[0][i]["captions"] + ranks[1][i]["captions"]
             audio = np.concatenate([r[i]["audio"].numpy()[:, : batch["audio"].shape[1]] for r in ranks])
             np.testing.assert_array_equal(batch["audio"].numpy()[:, : audio.shape[1]], audio)
+
+
+def test_workers_reusing_shared_memory_slots_deliver_the_batches_of_fresh_blocks(corpus, monkeypatch):
+    """2 workers writing 24 batches into 3 reused shared-memory slots each (relret.data.PcmSlots), read by a slow
+    consumer that keeps every batch: each batch equals what the same workers give writing every batch into a fresh
+    block (PCM bytes, lengths, keys), so no slot was written while a kept batch still lay in it; the slots really
+    were reused and no worker fell back to a fresh block."""
+    import time
+
+    from relret.data import PcmSlots
+
+    root, _, _ = corpus
+    seen = []
+    release = PcmSlots.release
+
+    def spy(self, batch):
+        seen.append(batch.slot)
+        time.sleep(0.02)  # the workers run ahead and wait for slots
+        return release(self, batch)
+
+    cfg = _cfg([root / "a"], num_workers=2, shuffle_buffer=8, prefetch_factor=2)
+    with monkeypatch.context() as fresh_blocks:
+        fresh_blocks.setattr(PcmSlots, "acquire", lambda self, worker, rows, length, capacity: (None, None))
+        want = _epoch(cfg, batch=8, batches=24)
+    monkeypatch.setattr(PcmSlots, "release", spy)
+    got = _epoch(cfg, batch=8, batches=24)
+    assert len(got) == len(want) == 24
+    for a, b in zip(got, want):
+        assert a.slot is None and a.keys == b.keys
+        assert a.pcm.dtype == torch.int16 and torch.equal(a.pcm, b.pcm) and torch.equal(a.audio_len, b.audio_len)
+        assert not a.pcm.is_shared()  # copied out of the slot
+    assert None not in seen and Counter(seen) == {(w, s): 4 for w in (0, 1) for s in range(3)}
+
+
+def test_slots_hand_out_free_blocks_and_fall_back_when_none_comes_back(monkeypatch):
+    """In one process: 2 slots are handed out, a third request waits WAIT_S and gets a fresh block (None), a
+    released slot is handed out again with the same memory, grown when a batch needs more."""
+    from relret.data import Batch, PcmSlots
+
+    monkeypatch.setattr(PcmSlots, "WAIT_S", 0.05)
+    slots = PcmSlots(num_workers=1, per_worker=2)
+    a, slot_a = slots.acquire(0, 2, 10, capacity=20)
+    b, slot_b = slots.acquire(0, 2, 10, capacity=20)
+    assert {slot_a, slot_b} == {(0, 0), (0, 1)} and a.is_shared() and a.shape == (2, 10)
+    fresh, none = slots.acquire(0, 2, 10, capacity=20)
+    assert none is None and fresh.shape == (2, 10)
+    a[:] = 7
+    batch = Batch(
+        pcm=a,
+        audio_len=torch.tensor([10, 10]),
+        captions=["x", "y"],
+        caption_sbert=torch.zeros(2, 3),
+        clip_sbert=torch.zeros(2, 1, 3),
+        caption_mask=torch.ones(2, 1, dtype=torch.bool),
+        clip_ids=torch.tensor([1, 2]),
+        keys=["k1", "k2"],
+        slot=slot_a,
+    )
+    out = slots.release(batch)
+    assert out.slot is None and (out.pcm == 7).all() and out.pcm.data_ptr() != a.data_ptr()
+    again, slot_again = slots.acquire(0, 1, 20, capacity=20)
+    assert slot_again == slot_a and again.data_ptr() == a.data_ptr()  # the same block, reused
+    out = slots.release(dataclasses_replace(batch, pcm=again, slot=slot_again))
+    bigger, slot_big = slots.acquire(0, 3, 10, capacity=20)
+    assert slot_big == slot_a and bigger.shape == (3, 10)  # 30 samples: a larger block for the slot
 
 
 def test_ranks_and_workers_read_disjoint_shard_draws(corpus):
