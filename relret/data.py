@@ -385,6 +385,19 @@ class Batch:
         names = ", ".join(sorted(_BATCH_FIELDS | _INFO_FIELDS | {"audio"}))
         raise KeyError(f"a Batch has no field {name!r}; it has {names}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (a DataLoader worker sending the batch): the small CPU tensors travel inline as numpy arrays and
+        only `pcm` as a shared-memory tensor. torch would put each tensor into a shared-memory block of its own and
+        pass the block's file descriptor over a socket: several of those per batch for a few kilobytes each."""
+        state = dict(self.__dict__)
+        for name, value in state.items():
+            if torch.is_tensor(value) and name != "pcm" and value.device.type == "cpu":
+                state[name] = value.numpy()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
+
     def _map(self, fn) -> Batch:
         return dataclasses.replace(
             self,
@@ -420,8 +433,27 @@ class _Clip:
     source_file: str = ""
 
 
+CAPTION_INDEX = "__caption__"
+PARSED = "__parsed__"
+"""A dict the per-caption copies of a raw sample share: `_decode` keeps the parsed sample (or its error) there."""
+
+
 def _decode(raw: dict, sbert_dim: int) -> shard_format.EncodedSample:
-    sample = shard_format.decode_sample_encoded(raw)
+    """The sample's members parsed and checked. The per-caption copies of a clip share one parse (`PARSED`): json,
+    Sentence-BERT array and FLAC header are read once per clip, and a copy of a clip that does not parse raises the
+    same error as the first."""
+    parsed = raw.get(PARSED)
+    if parsed is None:
+        sample = shard_format.decode_sample_encoded(raw)
+    else:
+        if not parsed:
+            try:
+                parsed["sample"] = shard_format.decode_sample_encoded(raw)
+            except Exception as exn:
+                parsed["error"] = exn
+        if "error" in parsed:
+            raise parsed["error"]
+        sample = parsed["sample"]
     if sample.meta.sample_rate != shard_format.SAMPLE_RATE_HZ:
         raise ValueError(f"sample {sample.key} is {sample.meta.sample_rate} Hz; the model reads 32 kHz shards")
     if sample.sbert.shape[1] != sbert_dim:
@@ -551,19 +583,18 @@ def collate(clips: Sequence[_Clip], max_captions: int, pcm: torch.Tensor | None 
     )
 
 
-CAPTION_INDEX = "__caption__"
-
-
 def _per_caption(raw_samples: Iterator[dict]) -> Iterator[dict]:
     """Each raw sample once per caption, tagged with the caption's index (`CAPTION_INDEX`); the copies share the
-    sample's bytes. A sample whose json does not read passes once, and its decoding counts it as bad."""
+    sample's bytes and its parse (`PARSED`). A sample whose json does not read passes once, and its decoding counts it
+    as bad."""
     for raw in raw_samples:
         try:
             n = len(json.loads(raw[shard_format.META_EXT])["captions"])
         except (KeyError, TypeError, ValueError):
             n = 1
+        parsed: dict[str, Any] = {}
         for caption in range(max(n, 1)):
-            yield {**raw, CAPTION_INDEX: caption}
+            yield {**raw, CAPTION_INDEX: caption, PARSED: parsed}
 
 
 def _worker() -> tuple[int, int]:

@@ -132,6 +132,51 @@ def test_slots_hand_out_free_blocks_and_fall_back_when_none_comes_back(monkeypat
     assert slot_big == slot_a and bigger.shape == (3, 10)  # 30 samples: a larger block for the slot
 
 
+def test_a_pickled_batch_carries_its_small_tensors_inline_and_comes_back_equal(corpus):
+    """What a worker sends: every field equal after a round trip through torch's pickler, the small tensors as
+    numpy inside the pickle (no shared-memory block of their own), pcm as a shared-memory tensor."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers torch's reductions with ForkingPickler)
+
+    root, _, _ = corpus
+    (batch,) = _epoch(_cfg([root / "a"]), batch=4, batches=1)
+    batch.pcm.share_memory_()
+    data = bytes(ForkingPickler.dumps(batch))
+    assert data.count(b"numpy") >= 1 and len(data) > batch.clip_sbert.numel() * 4  # the vectors travel inline
+    back = pickle.loads(data)
+    for name in ("pcm", "audio_len", "caption_sbert", "clip_sbert", "caption_mask", "clip_ids"):
+        a, b = getattr(batch, name), getattr(back, name)
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), name
+    assert back.pcm.is_shared() and back.keys == batch.keys and back.info == batch.info
+
+
+def test_caption_copies_share_one_parse_and_each_copy_of_a_bad_sample_fails(monkeypatch):
+    """With data.epoch_unit caption, a clip's copies are parsed once (json, vectors, FLAC header), and every copy of
+    a clip whose vectors do not read raises, so each is still counted as a bad sample, as before the shared parse."""
+    from relret import data
+
+    calls = []
+    parse = shard_format.decode_sample_encoded
+    monkeypatch.setattr(shard_format, "decode_sample_encoded", lambda raw: calls.append(raw["__key__"]) or parse(raw))
+    meta = shard_format.SampleMeta(
+        clip_id=1, dataset="d", split="s", source_file="a.wav", duration_s=1.0, captions=["one", "two", "three"]
+    )
+    good = shard_format.encode_sample(meta, shard_format.encode_flac(np.zeros(SR, np.float32)), np.ones((3, 4)))
+    bad = {**good, "__key__": "bad", shard_format.SBERT_EXT: b"not an npy file"}
+    copies = list(data._per_caption(iter([{**good, "__key__": "good"}, bad])))
+    assert [(c["__key__"], c[data.CAPTION_INDEX]) for c in copies] == [
+        (k, i) for k in ("good", "bad") for i in range(3)
+    ]
+    samples = [data._decode(c, 4) for c in copies[:3]]
+    assert all(s is samples[0] for s in samples) and samples[0].meta.captions == ["one", "two", "three"]
+    for c in copies[3:]:
+        with pytest.raises(ValueError):
+            data._decode(c, 4)
+    assert calls == ["good", "bad"]
+
+
 def test_ranks_and_workers_read_disjoint_shard_draws(corpus):
     """2 ranks x 2 workers: within an epoch no (rank, worker) repeats another's shard draw; all quotas are met."""
     root, records, _ = corpus
