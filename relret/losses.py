@@ -94,6 +94,8 @@ class GlobalBatchLoss(nn.Module):
     """Per-sample inputs of `forward`, in its positional order after the two embeddings."""
     optional_inputs: tuple[str, ...] = ()
     """Inputs passed only when present (keyword arguments of `forward`)."""
+    gathered_inputs: tuple[str, ...] | None = None
+    """The inputs `get_targets` reads, the only ones gathered from the other ranks (None: every input)."""
     graded_targets: bool = False
 
     def __init__(self, direction: Direction, tau: float, local_loss: bool, gather_with_grad: bool) -> None:
@@ -150,7 +152,11 @@ class GlobalBatchLoss(nn.Module):
         rank = distributed.get_rank()
         all_audio = distributed.all_gather_cat(audio, self.gather_with_grad, sizes)
         all_text = distributed.all_gather_cat(text, self.gather_with_grad, sizes)
-        gathered = {name: distributed.all_gather_cat(t, False, sizes) for name, t in inputs.items()}
+        gathered = {
+            name: distributed.all_gather_cat(t, False, sizes)
+            for name, t in inputs.items()
+            if self.gathered_inputs is None or name in self.gathered_inputs
+        }
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1])) if self.local_loss else slice(0, sum(sizes))
         return GatheredBatch(all_audio, all_text, gathered, rows)
 
@@ -283,6 +289,7 @@ class InfoNCELoss(GlobalBatchLoss):
     same clip id (captions of one clip are co-positives when a clip occurs twice in the global batch)."""
 
     inputs = ("caption_sbert", "clip_ids")
+    gathered_inputs = ("clip_ids",)  # its targets need no Sentence-BERT vector: 3,072 B per sample not sent
 
     def __init__(
         self,

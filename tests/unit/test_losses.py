@@ -93,6 +93,27 @@ def test_infonce_module_against_loop_with_co_positives(direction):
     assert out["loss"].item() == pytest.approx(_reference_infonce(audio, text, ids, direction), rel=1e-9)
 
 
+def test_only_what_the_targets_read_is_gathered():
+    """InfoNCE gathers the clip ids and not the Sentence-BERT vectors (its targets do not read them); ListNet gathers
+    both. Counted on the gather calls themselves (one process: each call is the identity)."""
+    from relret import distributed
+
+    audio, text, sbert, ids = (torch.tensor(x) for x in _batch(b=6))
+    for loss, want in ((InfoNCELoss("t2a"), {"clip_ids"}), (ListNetLoss("t2a"), {"caption_sbert", "clip_ids"})):
+        calls = []
+        gather = distributed.all_gather_cat
+
+        def spy(t, with_grad, sizes=None, gather=gather, calls=calls):
+            calls.append(t)
+            return gather(t, with_grad, sizes)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(distributed, "all_gather_cat", spy)
+            batch = loss._gather(*loss._check(audio, text, {"caption_sbert": sbert, "clip_ids": ids}))
+        assert set(batch.inputs) == want, type(loss).__name__
+        assert len(calls) == 2 + len(want)  # audio and text embeddings, then the inputs
+
+
 def test_infonce_with_distinct_clips_is_clip_cross_entropy():
     """With one caption per clip, InfoNCE 'both' is the symmetric CLIP cross-entropy with diagonal labels."""
     audio, text, sbert, ids = (torch.tensor(x) for x in _batch(b=9))
