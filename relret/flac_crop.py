@@ -59,6 +59,24 @@ def flac_frames(data: bytes) -> int:
     return flac_info(data).frames
 
 
+def _read_window(data: bytes, start: int, frames: int, **read_options) -> np.ndarray | None:
+    """Frames start .. start + frames - 1 of FLAC bytes, as far as the clip goes, read by libsndfile from the seek
+    point with `SoundFile.read(**read_options)`; None when the window holds no frame. Raises ValueError when the
+    stream ends before the header's length (truncated data)."""
+    import soundfile  # imported on use, like shard_format's codecs, so importing this module stays cheap
+
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        wanted = max(0, min(frames, f.frames - start))
+        if wanted == 0:
+            return None
+        if start:
+            f.seek(start)
+        got = f.read(wanted, **read_options)
+    if len(got) != wanted:
+        raise ValueError(f"FLAC data is truncated: decoded {len(got)} of frames {start}..{start + wanted - 1}")
+    return got
+
+
 def decode_flac_window(data: bytes, start: int, frames: int) -> np.ndarray:
     """float32 mono [min(frames, n - start)] (n: the clip's frames; empty when start >= n): frames start ..
     start + frames - 1 of FLAC bytes, decoding only those (channels averaged). Equal, sample for sample, to
@@ -66,19 +84,11 @@ def decode_flac_window(data: bytes, start: int, frames: int) -> np.ndarray:
 
     Raises ValueError for a negative start or frame count, and when the stream ends before the header's length
     (truncated data); libsndfile's own errors (soundfile.LibsndfileError, a RuntimeError) pass through."""
-    import soundfile  # imported on use, like shard_format's codecs, so importing this module stays cheap
-
     if start < 0 or frames < 0:
         raise ValueError(f"start and frames must be >= 0, got start={start}, frames={frames}")
-    with soundfile.SoundFile(io.BytesIO(data)) as f:
-        wanted = max(0, min(frames, f.frames - start))
-        if wanted == 0:
-            return np.zeros(0, dtype=np.float32)
-        if start:
-            f.seek(start)
-        audio = f.read(wanted, dtype="float32", always_2d=False)
-    if len(audio) != wanted:
-        raise ValueError(f"FLAC data is truncated: decoded {len(audio)} of frames {start}..{start + wanted - 1}")
+    audio = _read_window(data, start, frames, dtype="float32", always_2d=False)
+    if audio is None:
+        return np.zeros(0, dtype=np.float32)
     if audio.ndim != 1:
         audio = audio.mean(axis=1)  # the same reduction as decode_flac, so stereo windows match too
     return audio
@@ -100,8 +110,6 @@ def read_flac_window(data: bytes, start: int, out: np.ndarray) -> np.ndarray:
 
     Raises ValueError for a negative start, data that is not mono 16-bit FLAC (other shards: decode_flac_window),
     an `out` that is not a contiguous int16 vector, and a stream that ends before the header's length (truncated)."""
-    import soundfile
-
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     if out.dtype != np.int16 or out.ndim != 1 or not out.flags.c_contiguous:
@@ -112,16 +120,8 @@ def read_flac_window(data: bytes, start: int, out: np.ndarray) -> np.ndarray:
             f"FLAC data of {info.channels} channel(s) at {info.bits_per_sample} bits: the training stream reads mono "
             "16-bit shards (shard_format.encode_flac); rewrite the shards with shards/build.py"
         )
-    wanted = max(0, min(len(out), info.frames - start))
-    if wanted == 0:
-        return out[:0]
-    with soundfile.SoundFile(io.BytesIO(data)) as f:
-        if start:
-            f.seek(start)
-        got = f.read(wanted, out=out[:wanted])
-    if len(got) != wanted:
-        raise ValueError(f"FLAC data is truncated: decoded {len(got)} of frames {start}..{start + wanted - 1}")
-    return got
+    got = _read_window(data, start, len(out), out=out)
+    return out[:0] if got is None else got
 
 
 def crop_window(n_frames: int, max_frames: int, rng: np.random.Generator) -> tuple[int, int]:
