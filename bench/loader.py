@@ -8,14 +8,16 @@ For each corpus shape (synthetic shards written with tests/kit/shards.py into a 
 - wavcaps: clips of 60-120 s with one caption (shards that keep long clips, so that each epoch crops afresh),
 three things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
 - stream: relret.data.TrainStream through make_loader with 1, 2, ... DataLoader workers, as training runs it (tar
-  read, json, FLAC decode of the crop only into int16, Sentence-BERT vectors, collate into a reused shared-memory
-  slot, the hand-over to this process); clips/s over the batches after each worker's first (the workers' start and
-  the shuffle buffer's fill are left out), that rate per worker, and clips per second of the workers' own CPU time
+  headers and the small members, json, the part of the clip's FLAC member its crop needs read from the shard and
+  decoded into int16, Sentence-BERT vectors, collate into a reused shared-memory slot, the hand-over to this
+  process); clips/s over the batches after each worker's first (the workers' start and the shuffle buffer's fill are
+  left out), that rate per worker, and clips per second of the workers' own CPU time
   over the same batches (read in each worker as it yields a batch);
 - the decode alone, from the same clips' FLAC bytes already in RAM, in this process: `flac_frames` + `crop_window` +
   `read_flac_window` into one reused int16 buffer, the stream's decode (the ceiling: what a core could do if reading,
   parsing, collating and handing over cost nothing; measured before and after every stream run, median of the
-  passes); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to float32 then a slice
+  passes); the same decode reading the clip from its shard on demand (`relret.tar_member.TarMember`, as the stream
+  does: "crop from the shard"); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to float32 then a slice
   (`shard_format.decode_flac`: before crop decoding).
 Printed ratios: stream per worker / ceiling (wall: what a worker delivers, sharing the cores with the other workers
 and this process), per worker CPU second / ceiling (what the rest of the stream costs besides the decode; the
@@ -43,6 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from relret import shard_format  # noqa: E402
 from relret.config import DataConfig, ShardSource  # noqa: E402
 from relret.flac_crop import crop_window, decode_flac_window, flac_frames, read_flac_window  # noqa: E402
+from relret.tar_member import FileStamp, TarMember  # noqa: E402
 
 SR = shard_format.SAMPLE_RATE_HZ
 
@@ -71,29 +74,34 @@ def write_corpus(root: Path, shape: str, n_clips: int, per_shard: int, seed: int
     return out
 
 
-def flac_in_memory(shard_dir: Path) -> list[tuple[bytes, int]]:
-    """(FLAC bytes, captions) of every clip of a shard directory, read into RAM with tarfile."""
+def flac_in_memory(shard_dir: Path) -> list[tuple[bytes, int, TarMember]]:
+    """(FLAC bytes, captions, the clip as a TarMember of its shard) of every clip of a shard directory, the bytes read
+    into RAM with tarfile."""
     out = []
     for shard in sorted(shard_dir.glob("*.tar")):
+        stamp = FileStamp.of(shard.stat())
         with tarfile.open(shard) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+            infos = {m.name: m for m in tar.getmembers() if m.isfile()}
+            members = {name: tar.extractfile(m).read() for name, m in infos.items()}
         for name, data in members.items():
             if name.endswith(".flac"):
                 meta = members[name[: -len("flac")] + shard_format.META_EXT]
-                out.append((data, len(json.loads(meta)["captions"])))
+                member = TarMember(str(shard), infos[name].offset_data, infos[name].size, stamp)
+                out.append((data, len(json.loads(meta)["captions"]), member))
     if not out:
         raise RuntimeError(f"no .flac member in the shards of {shard_dir}")
     return out
 
 
-DECODES = ("pcm", "float", "whole")
-"""pcm: the window as int16 into one reused buffer (`read_flac_window`, what the stream does); float: the window to a
+DECODES = ("pcm", "member", "float", "whole")
+"""pcm: the window as int16 into one reused buffer (`read_flac_window`) from the bytes in memory (the ceiling);
+member: the same, read from the shard on demand (`TarMember`, what the stream does); float: the window to a
 new float32 array (`decode_flac_window`, the stream's decode before int16 batches); whole: the whole clip to float32,
 then a slice (`shard_format.decode_flac`, before crop decoding)."""
 
 
 def decode_rates(
-    clips: list[tuple[bytes, int]], crop_s: float, how: str, per_caption: bool, rounds: int
+    clips: list[tuple[bytes, int, TarMember]], crop_s: float, how: str, per_caption: bool, rounds: int
 ) -> list[float]:
     """Training samples per CPU second of this process decoding one crop per sample, the `DECODES` way `how`: one
     rate per pass over the clips."""
@@ -104,11 +112,13 @@ def decode_rates(
         rng = np.random.default_rng(r)
         n = 0
         cpu = time.process_time()
-        for data, captions in clips:
+        for data, captions, member in clips:
             for _ in range(captions if per_caption else 1):
                 start, length = crop_window(flac_frames(data), crop_frames, rng)
                 if how == "pcm":
                     read_flac_window(data, start, buffer[:length])
+                elif how == "member":
+                    read_flac_window(member, start, buffer[:length])
                 elif how == "float":
                     decode_flac_window(data, start, length)
                 else:
@@ -126,7 +136,7 @@ def data_config(shard_dir: Path, crop_s: float, workers: int, args: argparse.Nam
         num_workers=workers,
         prefetch_factor=args.prefetch_factor,
         epoch_unit=args.epoch_unit,
-        # small: a buffer of 1,000 WavCaps-shaped samples would hold gigabytes of FLAC bytes per worker
+        # small, so that the timed batches come after the buffer's fill (it holds no clip bytes: see buffer_bytes)
         shuffle_buffer=args.shuffle_buffer,
         shuffle_initial=min(args.shuffle_buffer, 16),
     )
@@ -182,6 +192,19 @@ def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batche
     }
 
 
+def buffer_bytes(shard_dir: Path) -> float:
+    """Mean bytes a raw sample of the local shards holds in the shuffle buffer: its members read into memory (json,
+    Sentence-BERT vectors); the clip stays in the shard (`relret.tar_member.TarMember`)."""
+    from relret.data import DamageCounter, _shard_samples
+
+    sizes = [
+        sum(len(v) for k, v in raw.items() if isinstance(v, bytes) and not k.startswith("__"))
+        for shard in sorted(shard_dir.glob("*.tar"))
+        for raw in _shard_samples(str(shard), DamageCounter("bench"))
+    ]
+    return statistics.mean(sizes)
+
+
 def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) -> dict:
     per_shard = max(1, n_clips // max(max(args.workers), 1) // 2)
     shard_dir = write_corpus(root, shape, n_clips, per_shard)
@@ -194,8 +217,9 @@ def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) 
         rates["pcm"] += decode_rates(clips, args.crop_s, "pcm", per_caption, 1)
     return {
         "shape": shape,
-        "clip_s": statistics.mean(flac_frames(d) for d, _ in clips) / SR,
-        "mb_per_clip": statistics.mean(len(d) for d, _ in clips) / 1e6,
+        "clip_s": statistics.mean(flac_frames(d) for d, _, _ in clips) / SR,
+        "mb_per_clip": statistics.mean(len(d) for d, _, _ in clips) / 1e6,
+        "buffer_kb_per_sample": buffer_bytes(shard_dir) / 1e3,
         **{how: statistics.median(r) for how, r in rates.items()},
         "ceiling_range": (min(rates["pcm"]), max(rates["pcm"])),
         "streams": streams,
@@ -205,11 +229,13 @@ def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) 
 def print_shape(r: dict, crop_s: float) -> None:
     print(
         f"{r['shape']}: clips of {r['clip_s']:.0f} s on average ({r['mb_per_clip']:.2f} MB FLAC), crop {crop_s:g} s; "
-        "clips/s are training samples per second"
+        f"clips/s are training samples per second; a sample holds {r['buffer_kb_per_sample']:.1f} kB in the shuffle "
+        "buffer (the clip stays in the shard)"
     )
     print(
         f"  decode from RAM, one core:  crop to int16 {r['pcm']:7.1f} clips/CPU-s (the ceiling; passes "
-        f"{r['ceiling_range'][0]:.1f}-{r['ceiling_range'][1]:.1f})   crop to float32 "
+        f"{r['ceiling_range'][0]:.1f}-{r['ceiling_range'][1]:.1f})   crop from the shard {r['member']:7.1f} "
+        f"({r['member'] / r['pcm']:.2f}x)   crop to float32 "
         f"{r['float']:7.1f}   whole clip then slice {r['whole']:7.1f}   int16 crop / whole = "
         f"{r['pcm'] / r['whole']:.2f}x"
     )

@@ -26,7 +26,8 @@ Only the audio a batch uses is decoded: a training clip's random crop (drawn fro
 with the same random draw as a crop of the decoded clip) and a validation clip's first `val_crop_s` seconds
 (`relret.flac_crop`), as the shards' 16-bit PCM: a batch carries int16 `pcm` (half the bytes of float32 from the
 workers to the training process and to the GPU) and `Batch.audio` is the float signal, bit for bit what a float
-decode gives. Local shards are read with random access, S3 shards streamed (`_shard_samples`); training workers
+decode gives. Local shards are read with random access, their clips' bytes only as far as a crop needs them and
+never held in the shuffle buffer (`relret.tar_member`); S3 shards are streamed (`_shard_samples`); training workers
 write batches into reused shared-memory blocks (`PcmSlots`), which the loader copies out of as it receives them.
 
 A batch is a `Batch`; training batches carry `StreamInfo` (the worker's position and its damage counts).
@@ -54,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from relret import shard_format, storage
 from relret.config import ConfigError, DataConfig
 from relret.flac_crop import PCM_FULL_SCALE, crop_window, read_flac_window
+from relret.tar_member import FileStamp, TarMember
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shard directories
@@ -263,18 +265,29 @@ _WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 
 
 def _local_tar_files(path: str, handler: DamageCounter) -> Iterator[dict]:
-    """The regular files of a local tar shard, as webdataset's tar expander yields them (fname, data, __url__), each
-    member's bytes read with one read call. webdataset reads tars in stream mode, which copies a member through
-    10 KiB chunks: for minute-long WavCaps FLACs that costs about a fifth of the crop decode (bench/loader.py), and
-    a local file needs no streaming. A read that fails (a truncated or corrupt shard) goes to `handler` and ends
-    the shard, as webdataset's reader does."""
+    """The regular files of a local tar shard, as webdataset's tar expander yields them (fname, data, __url__): the
+    small members read whole, the audio (`.flac`) as a `TarMember` that the crop decoder reads only in part.
+    webdataset reads tars in stream mode, copying every byte of a member through 10 KiB chunks, and a shuffle buffer of
+    FLAC bytes holds gigabytes per worker for minute-long clips; a local file needs neither. A shard that cannot be
+    listed to its end (truncated or corrupt headers, a member whose data runs past the end of the file) goes to
+    `handler` and ends there, as webdataset's reader does."""
+    import os
     import tarfile
 
+    audio_suffix = "." + shard_format.AUDIO_EXT
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            stamp = FileStamp.of(os.fstat(f.fileno()))
             for member in tar:
-                if member.isreg() and not _WEBDATASET_META.match(member.name):
-                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+                if not member.isreg() or _WEBDATASET_META.match(member.name):
+                    continue
+                if member.offset_data + member.size > stamp.size:
+                    raise tarfile.ReadError(f"unexpected end of data: member {member.name} is cut")
+                if member.name.endswith(audio_suffix):
+                    data = TarMember(path, member.offset_data, member.size, stamp)
+                else:
+                    data = tar.extractfile(member).read()
+                yield {"fname": member.name, "data": data, "__url__": path}
     except Exception as exn:  # noqa: BLE001 (webdataset's contract: the handler decides)
         if not handler(exn):
             raise

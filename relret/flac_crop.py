@@ -15,6 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from relret.tar_member import TarMember
+
+FlacData = bytes | TarMember
+"""FLAC bytes in memory, or a member of a local tar shard read on demand (only the parts a window needs)."""
+
 _STREAMINFO_TYPE = 0
 _STREAMINFO_BYTES = 34
 
@@ -29,14 +34,17 @@ class FlacInfo(NamedTuple):
     bits_per_sample: int
 
 
-def flac_info(data: bytes) -> FlacInfo:
-    """Frame count, sample rate and channels from the STREAMINFO header of FLAC bytes, without decoding audio.
+def flac_info(data: FlacData) -> FlacInfo:
+    """Frame count, sample rate and channels from the STREAMINFO header of FLAC bytes, without decoding audio (of a
+    `TarMember`, only the header is read).
 
     Raises ValueError when `data` does not start with a FLAC STREAMINFO block or the header leaves the length out
     (a streamed encoder may; `shard_format.encode_flac` always records it)."""
     # The FLAC format: "fLaC", then a 4-byte metadata block header (last-block flag and 7-bit type, 24-bit length),
     # and STREAMINFO must be the first block. Its bytes 10-17 pack sample rate (20 bits), channels - 1 (3),
     # bits per sample - 1 (5) and total samples per channel (36; 0 means unknown).
+    if isinstance(data, TarMember):
+        data = data.read(8 + _STREAMINFO_BYTES)
     if len(data) < 8 + _STREAMINFO_BYTES or data[:4] != b"fLaC":
         raise ValueError(f"not FLAC data (starts with {bytes(data[:4])!r}, {len(data)} bytes)")
     block_type, block_len = data[4] & 0x7F, int.from_bytes(data[5:8], "big")
@@ -54,18 +62,30 @@ def flac_info(data: bytes) -> FlacInfo:
     )
 
 
-def flac_frames(data: bytes) -> int:
+def flac_frames(data: FlacData) -> int:
     """Frames (samples per channel) of FLAC bytes, read from the header: no audio is decoded."""
     return flac_info(data).frames
 
 
-def _read_window(data: bytes, start: int, frames: int, **read_options) -> np.ndarray | None:
-    """Frames start .. start + frames - 1 of FLAC bytes, as far as the clip goes, read by libsndfile from the seek
+def _open(data: FlacData) -> io.RawIOBase | io.BytesIO:
+    return data.open() if isinstance(data, TarMember) else io.BytesIO(data)
+
+
+def _read_window(
+    data: FlacData, start: int, frames: int, mono_pcm16: bool = False, **read_options
+) -> np.ndarray | None:
+    """Frames start .. start + frames - 1 of FLAC data, as far as the clip goes, read by libsndfile from the seek
     point with `SoundFile.read(**read_options)`; None when the window holds no frame. Raises ValueError when the
-    stream ends before the header's length (truncated data)."""
+    stream ends before the header's length (truncated data), and with `mono_pcm16` when the stream is not mono 16-bit
+    PCM."""
     import soundfile  # imported on use, like shard_format's codecs, so importing this module stays cheap
 
-    with soundfile.SoundFile(io.BytesIO(data)) as f:
+    with _open(data) as raw, soundfile.SoundFile(raw) as f:
+        if mono_pcm16 and (f.channels != 1 or f.subtype != "PCM_16"):
+            raise ValueError(
+                f"FLAC data of {f.channels} channel(s) at {f.subtype.removeprefix('PCM_')} bits: the training stream reads mono 16-bit shards "
+                "(shard_format.encode_flac); rewrite the shards with shards/build.py"
+            )
         wanted = max(0, min(frames, f.frames - start))
         if wanted == 0:
             return None
@@ -77,7 +97,7 @@ def _read_window(data: bytes, start: int, frames: int, **read_options) -> np.nda
     return got
 
 
-def decode_flac_window(data: bytes, start: int, frames: int) -> np.ndarray:
+def decode_flac_window(data: FlacData, start: int, frames: int) -> np.ndarray:
     """float32 mono [min(frames, n - start)] (n: the clip's frames; empty when start >= n): frames start ..
     start + frames - 1 of FLAC bytes, decoding only those (channels averaged). Equal, sample for sample, to
     `shard_format.decode_flac(data)[0][start : start + frames]`.
@@ -99,7 +119,7 @@ PCM_FULL_SCALE = 32768
 (a power of two: the division is exact)."""
 
 
-def read_flac_window(data: bytes, start: int, out: np.ndarray) -> np.ndarray:
+def read_flac_window(data: FlacData, start: int, out: np.ndarray) -> np.ndarray:
     """Decode frames start .. start + len(out) - 1 of mono 16-bit FLAC bytes (what `shard_format.encode_flac` writes)
     into `out`, an int16 C-contiguous 1-d array, as PCM samples, decoding only those; returns the view of `out` that
     holds them: shorter than `out` when the clip ends first, empty when start >= the clip's frames.
@@ -114,13 +134,7 @@ def read_flac_window(data: bytes, start: int, out: np.ndarray) -> np.ndarray:
         raise ValueError(f"start must be >= 0, got {start}")
     if out.dtype != np.int16 or out.ndim != 1 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous int16 vector, got {out.dtype} of shape {out.shape}")
-    info = flac_info(data)
-    if info.channels != 1 or info.bits_per_sample != 16:
-        raise ValueError(
-            f"FLAC data of {info.channels} channel(s) at {info.bits_per_sample} bits: the training stream reads mono "
-            "16-bit shards (shard_format.encode_flac); rewrite the shards with shards/build.py"
-        )
-    got = _read_window(data, start, len(out), out=out)
+    got = _read_window(data, start, len(out), mono_pcm16=True, out=out)
     return out[:0] if got is None else got
 
 

@@ -19,9 +19,12 @@ import hashlib
 import io
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from relret.flac_crop import FlacData
 
 FORMAT_VERSION = 1
 SAMPLE_RATE_HZ = 32_000
@@ -134,10 +137,11 @@ class Sample:
 
 @dataclasses.dataclass
 class EncodedSample:
-    """One sample with its audio still FLAC bytes (decode the part you need with relret.flac_crop)."""
+    """One sample with its audio still FLAC (decode the part you need with relret.flac_crop)."""
 
     key: str
-    flac: bytes
+    flac: FlacData
+    """The FLAC bytes, or where they lie in a local shard (`relret.tar_member.TarMember`, read on demand)."""
     frames: int
     """Frames of the clip, from the FLAC header."""
     meta: SampleMeta
@@ -168,7 +172,8 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     """A raw WebDataset sample (member name -> bytes) -> `Sample` with the whole clip decoded. Raises ValueError
     naming the key when a member is missing or inconsistent."""
     sample = decode_sample_encoded(raw)
-    return Sample(sample.key, decode_flac(sample.flac)[0], sample.meta, sample.sbert)
+    flac = sample.flac if isinstance(sample.flac, bytes) else sample.flac.read()
+    return Sample(sample.key, decode_flac(flac)[0], sample.meta, sample.sbert)
 
 
 @dataclasses.dataclass

@@ -265,6 +265,27 @@ def test_shard_cut_at_a_block_boundary_counts_as_damaged(tmp_path, capfd):
     assert "1 samples where the manifest lists 4" in capfd.readouterr().err
 
 
+def test_a_shard_rewritten_while_its_samples_wait_in_the_shuffle_buffer_counts_them_bad(tmp_path, capfd):
+    """The shuffle buffer holds where a clip lies in its shard, not its bytes: a shard rewritten after its samples
+    entered the buffer is not read at the old offsets; those samples are counted bad, named in a warning, and the
+    epoch still delivers every batch from the other samples."""
+    write_shard_dir(tmp_path / "a", n_clips=16, per_shard=8, seed=3)
+    cfg = _cfg([tmp_path / "a"], shuffle_buffer=64, shuffle_initial=64, epoch_unit="clip")
+    stream = TrainStream(
+        open_train_sources(cfg, 1), cfg, seed=7, epoch=0, rank=0, world_size=1, batch_size=4, batches=8
+    )
+    batches = iter(stream)
+    first = next(batches)  # the buffer now holds 64 samples, drawn from both shards
+    assert first.info.bad_samples == 0
+    rewritten = tmp_path / "a" / "synth-train-000001.tar"
+    rewritten.write_bytes(rewritten.read_bytes())  # same bytes, rewritten in place: offsets can no longer be trusted
+    rest = list(batches)
+    assert len(rest) == 7 and all(len(b) == 4 for b in rest)
+    assert sum(b.info.bad_samples for b in rest) >= 1
+    err = capfd.readouterr().err
+    assert "undecodable sample" in err and "changed since its members were listed" in err
+
+
 def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd):
     """A shard cut in half yields the samples before the cut, is counted as damaged with a warning, and the epoch
     still delivers every batch (the resumed position stays exact despite the damage)."""
@@ -301,12 +322,17 @@ def test_truncated_shard_is_skipped_counted_and_training_goes_on(tmp_path, capfd
 
 
 def _read_shard(read, url):
-    """(samples, damage flagged) of one shard through `read(url, handler)`."""
+    """(samples, damage flagged) of one shard through `read(url, handler)`, members read on demand (TarMember)
+    read out."""
     from relret.data import DamageCounter
+    from relret.tar_member import TarMember
 
     damage = DamageCounter("test")
     damage.url = url
-    samples = [{k: v for k, v in raw.items() if k != "__local_path__"} for raw in read(url, damage)]
+    samples = [
+        {k: v.read() if isinstance(v, TarMember) else v for k, v in raw.items() if k != "__local_path__"}
+        for raw in read(url, damage)
+    ]
     return samples, damage.flagged
 
 
@@ -314,10 +340,12 @@ def test_local_shards_read_with_random_access_give_webdatasets_samples(tmp_path,
     """Local shards are read member by member with random access (relret.data._shard_samples) instead of through
     webdataset's stream reader: the same samples, keys and bytes, for an intact shard and for shards cut at several
     points. Both flag a cut inside a member's data; a cut inside a header or between samples ends the tar as if
-    cleanly in both, and the manifest count reveals it (test_shard_cut_at_a_block_boundary_counts_as_damaged)."""
+    cleanly in both, and the manifest count reveals it (test_shard_cut_at_a_block_boundary_counts_as_damaged). The
+    clips come as TarMembers, read on demand, never as bytes."""
     import webdataset as wds
 
-    from relret.data import _shard_samples
+    from relret.data import DamageCounter, _shard_samples
+    from relret.tar_member import TarMember
 
     def streamed(url, handler):
         return wds.tarfile_to_samples(handler=handler)([{"url": url}])
@@ -328,12 +356,16 @@ def test_local_shards_read_with_random_access_give_webdatasets_samples(tmp_path,
     intact, flagged = _read_shard(_shard_samples, str(shard))
     assert (intact, flagged) == _read_shard(streamed, str(shard))
     assert not flagged and len(intact) == 6 and all(set(shard_format.MEMBERS) <= set(s) for s in intact)
+    damage = DamageCounter("test")
+    assert all(isinstance(raw[shard_format.AUDIO_EXT], TarMember) for raw in _shard_samples(str(shard), damage))
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
     per_sample = len(shard_format.MEMBERS)
+    assert members[2 * per_sample].name.endswith(".flac") and not members[2 * per_sample + 1].name.endswith(".flac")
     cuts = {  # where: (cut, samples read (the last one may lack members), flagged)
         "in a header": (members[per_sample + 1].offset + 100, 2, False),
         "in member data": (members[2 * per_sample + 1].offset_data + members[2 * per_sample + 1].size // 2, 3, True),
+        "in a clip's data": (members[2 * per_sample].offset_data + members[2 * per_sample].size // 2, 2, True),
         "between samples": (members[2 * per_sample].offset, 2, False),
         "in the end blocks": (len(data) - 700, 6, False),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import soundfile
 
 from relret import shard_format
 from relret.flac_crop import PCM_FULL_SCALE, crop_window, decode_flac_window, flac_frames, flac_info, read_flac_window
+from relret.tar_member import FileStamp, TarMember
 
 SR = shard_format.SAMPLE_RATE_HZ
 BLOCK = 4096  # libsndfile's FLAC block size (checked in test_clips_use_the_block_size_the_tests_aim_at)
@@ -108,6 +110,34 @@ def test_pcm_window_refuses_what_it_cannot_read_exactly():
     noisy = shard_format.encode_flac(rng.uniform(-1, 1, 4 * SR).astype(np.float32))
     with pytest.raises((ValueError, soundfile.LibsndfileError)):
         read_flac_window(noisy[: len(noisy) // 2], 3 * SR, out)
+
+
+def _in_a_tar(tmp_path, data: bytes) -> TarMember:
+    """`data` as a member of a tar between two other members, as a TarMember."""
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, content in (("a.json", b"{}" * 300), ("a.flac", data), ("b.json", b"[]")):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with tarfile.open(path) as tar:
+        member = tar.getmember("a.flac")
+    return TarMember(str(path), member.offset_data, member.size, FileStamp.of(path.stat()))
+
+
+def test_windows_of_a_tar_member_equal_the_windows_of_its_bytes(clip, tmp_path):
+    """Read on demand from a local shard (only what libsndfile asks for), every window and the header are what the
+    same bytes in memory give: the PCM window, the float window and flac_info."""
+    data, full = clip
+    member = _in_a_tar(tmp_path, data)
+    assert member.read() == data and flac_info(member) == flac_info(data)
+    rng = np.random.default_rng(len(full) + 2)
+    got, want = np.zeros(len(full) + 64, np.int16), np.zeros(len(full) + 64, np.int16)
+    for start, frames in _windows(len(full), rng)[::3]:
+        frames = min(frames, len(got))
+        a, b = read_flac_window(member, start, got[:frames]), read_flac_window(data, start, want[:frames])
+        assert np.array_equal(a, b) and len(a) == len(full[start : start + frames]), (start, frames)
+        assert np.array_equal(decode_flac_window(member, start, frames), full[start : start + frames]), (start, frames)
 
 
 def test_header_gives_frames_and_rate(clip):
