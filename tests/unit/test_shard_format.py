@@ -1,3 +1,4 @@
+import io
 import json
 import os
 
@@ -116,3 +117,34 @@ def test_atomic_local_file_leaves_nothing_on_error(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_decode_npy_equals_numpy_load_and_refuses_objects_and_short_data():
+    """decode_npy (cached header parse, an array over the bytes) gives what np.load gives for the dtypes, shapes,
+    orders and format versions .npy has; object arrays, cut data and non-.npy bytes are refused with a ValueError."""
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((5, 768)).astype(np.float16),
+        rng.standard_normal((1, 384)).astype(np.float32),
+        np.zeros((0, 384), np.float16),
+        np.asfortranarray(rng.standard_normal((3, 4))),
+        rng.integers(0, 9, (2, 3, 4)),
+        np.array(3.5),
+    ]
+    for array in arrays:
+        for version in ((1, 0), (2, 0), (3, 0)):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, version=version, allow_pickle=False)
+            data = buf.getvalue()
+            for _ in range(2):  # the second time from the cached header
+                got, want = sf.decode_npy(data), np.load(io.BytesIO(data), allow_pickle=False)
+                assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+                assert got.flags.f_contiguous == want.flags.f_contiguous
+            with pytest.raises(ValueError, match="bytes after its header" if array.size else "reading array header"):
+                sf.decode_npy(data[:-1])
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="Python objects"):
+        sf.decode_npy(buf.getvalue())
+    with pytest.raises(ValueError, match="not .npy data"):
+        sf.decode_npy(b"PK\x03\x04 not an npy file")
