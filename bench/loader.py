@@ -142,15 +142,42 @@ def data_config(shard_dir: Path, crop_s: float, workers: int, args: argparse.Nam
     )
 
 
+_DECODE_CPU_S = [0.0]
+"""CPU seconds this process's thread spent in relret.data's read_flac_window (each DataLoader worker its own copy)."""
+
+
+def _timed_decodes() -> None:
+    """Time every crop decode of the training stream (relret.data.read_flac_window), once, before workers fork."""
+    import relret.data
+
+    if getattr(relret.data.read_flac_window, "timed", False):
+        return
+    decode = relret.data.read_flac_window
+
+    def timed(*args, **kwargs):
+        t = time.thread_time()
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            _DECODE_CPU_S[0] += time.thread_time() - t
+
+    timed.timed = True
+    relret.data.read_flac_window = timed
+
+
 def timed_stream(*args, **kwargs):
     """relret.data.TrainStream whose batches carry the CPU seconds their worker process had used when it yielded
-    them (`worker_cpu_s`: every thread of the worker, so sending the previous batch is included)."""
+    them (`worker_cpu_s`: every thread of the worker, so sending the previous batch is included) and the part of them
+    spent decoding crops (`worker_decode_s`)."""
     from relret.data import TrainStream
+
+    _timed_decodes()
 
     class TimedStream(TrainStream):
         def __iter__(self):
             for batch in super().__iter__():
                 batch.worker_cpu_s = time.process_time()
+                batch.worker_decode_s = _DECODE_CPU_S[0]
                 yield batch
 
     return TimedStream(*args, **kwargs)
@@ -172,6 +199,7 @@ def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batche
         sets, cfg, seed=0, epoch=0, rank=0, world_size=1, batch_size=batch, batches=batches + n_workers, start=None
     )
     cpu: dict[int, list[float]] = {}
+    decode: dict[int, list[float]] = {}
     clips: dict[int, int] = {}
     t_first = None
     with make_loader(stream, cfg) as loader:
@@ -179,16 +207,19 @@ def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batche
             if i == n_workers - 1:
                 t_first = time.perf_counter()
             cpu.setdefault(b.info.worker, []).append(b.worker_cpu_s)
+            decode.setdefault(b.info.worker, []).append(b.worker_decode_s)
             if len(cpu[b.info.worker]) > 1:
                 clips[b.info.worker] = clips.get(b.info.worker, 0) + len(b)
         t_end = time.perf_counter()
     rate = sum(clips.values()) / (t_end - t_first)
     worker_cpu_s = sum(c[-1] - c[0] for c in cpu.values())
+    decode_s = sum(d[-1] - d[0] for d in decode.values())
     return {
         "workers": workers,
         "clips_per_s": rate,
         "per_worker": rate / n_workers,
         "per_worker_cpu_s": sum(clips.values()) / worker_cpu_s if workers and worker_cpu_s > 0 else None,
+        "decode_share": decode_s / worker_cpu_s if workers and worker_cpu_s > 0 else None,
     }
 
 
@@ -243,7 +274,10 @@ def print_shape(r: dict, crop_s: float) -> None:
         cpu, cpu_ratio = "n/a", ""
         if s["per_worker_cpu_s"]:
             cpu = f"{s['per_worker_cpu_s']:6.1f} clips/worker-CPU-s"
-            cpu_ratio = f", per worker-CPU-s / ceiling = {s['per_worker_cpu_s'] / r['pcm']:.2f}"
+            cpu_ratio = (
+                f", per worker-CPU-s / ceiling = {s['per_worker_cpu_s'] / r['pcm']:.2f}, decoding's share of the "
+                f"worker's CPU = {s['decode_share']:.2f}"
+            )
         print(
             f"  stream, {s['workers']} worker(s):  {s['clips_per_s']:7.1f} clips/s  {s['per_worker']:7.1f} per worker "
             f"({cpu})   per worker / ceiling = {s['per_worker'] / r['pcm']:.2f}{cpu_ratio}"
