@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from relret import shard_format  # noqa: E402
 from relret.config import DataConfig, ShardSource  # noqa: E402
 from relret.flac_crop import crop_window, decode_flac_window, flac_frames, read_flac_window  # noqa: E402
-from relret.tar_member import FileStamp, TarMember  # noqa: E402
+from relret.tar_member import ShardFile, TarMember  # noqa: E402
 
 SR = shard_format.SAMPLE_RATE_HZ
 
@@ -79,14 +79,14 @@ def flac_in_memory(shard_dir: Path) -> list[tuple[bytes, int, TarMember]]:
     into RAM with tarfile."""
     out = []
     for shard in sorted(shard_dir.glob("*.tar")):
-        stamp = FileStamp.of(shard.stat())
+        shard_file = ShardFile(str(shard))
         with tarfile.open(shard) as tar:
             infos = {m.name: m for m in tar.getmembers() if m.isfile()}
             members = {name: tar.extractfile(m).read() for name, m in infos.items()}
         for name, data in members.items():
             if name.endswith(".flac"):
                 meta = members[name[: -len("flac")] + shard_format.META_EXT]
-                member = TarMember(str(shard), infos[name].offset_data, infos[name].size, stamp)
+                member = TarMember(shard_file, infos[name].offset_data, infos[name].size)
                 out.append((data, len(json.loads(meta)["captions"]), member))
     if not out:
         raise RuntimeError(f"no .flac member in the shards of {shard_dir}")

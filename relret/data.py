@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from relret import shard_format, storage
 from relret.config import ConfigError, DataConfig
 from relret.flac_crop import PCM_FULL_SCALE, crop_window, read_flac_window
-from relret.tar_member import FileStamp, TarMember
+from relret.tar_member import ShardFile, TarMember
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shard directories
@@ -264,30 +264,45 @@ _WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 """Member names webdataset's tar reader leaves out (its `skip_meta`)."""
 
 
+_warned_eager = [False]
+
+
 def _local_tar_files(path: str, handler: DamageCounter) -> Iterator[dict]:
     """The regular files of a local tar shard, as webdataset's tar expander yields them (fname, data, __url__): the
-    small members read whole, the audio (`.flac`) as a `TarMember` that the crop decoder reads only in part.
-    webdataset reads tars in stream mode, copying every byte of a member through 10 KiB chunks, and a shuffle buffer of
-    FLAC bytes holds gigabytes per worker for minute-long clips; a local file needs neither. A shard that cannot be
-    listed to its end (truncated or corrupt headers, a member whose data runs past the end of the file) goes to
-    `handler` and ends there, as webdataset's reader does."""
+    small members read whole, the audio (`.flac`) as a `TarMember` of the open shard that the crop decoder reads only
+    in part (as bytes when this process already holds `tar_member.MAX_OPEN_SHARD_FILES` shards open). webdataset
+    reads tars in stream mode, copying every byte of a member through 10 KiB chunks, and a shuffle buffer of FLAC
+    bytes holds gigabytes per worker for minute-long clips; a local file needs neither. A shard that cannot be listed
+    to its end (truncated or corrupt headers, a member whose data runs past the end of the file) goes to `handler`
+    and ends there, as webdataset's reader does."""
     import os
     import tarfile
 
     audio_suffix = "." + shard_format.AUDIO_EXT
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            stamp = FileStamp.of(os.fstat(f.fileno()))
-            for member in tar:
-                if not member.isreg() or _WEBDATASET_META.match(member.name):
-                    continue
-                if member.offset_data + member.size > stamp.size:
-                    raise tarfile.ReadError(f"unexpected end of data: member {member.name} is cut")
-                if member.name.endswith(audio_suffix):
-                    data = TarMember(path, member.offset_data, member.size, stamp)
-                else:
-                    data = tar.extractfile(member).read()
-                yield {"fname": member.name, "data": data, "__url__": path}
+        shard = None if ShardFile.too_many_open() else ShardFile(path)
+        if shard is None and not _warned_eager[0]:
+            _warned_eager[0] = True
+            print(
+                f"relret.data: WARNING: {ShardFile.open_count} shard files open for the clips in the shuffle buffer "
+                "(shards of few samples against data.shuffle_buffer); further clips are held as bytes",
+                file=sys.stderr,
+                flush=True,
+            )
+        # The listing reads through a duplicate of the shard's descriptor: the same file, whatever the path becomes.
+        with os.fdopen(os.dup(shard.fd), "rb") if shard else open(path, "rb") as f:
+            size = shard.stamp.size if shard else os.fstat(f.fileno()).st_size
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isreg() or _WEBDATASET_META.match(member.name):
+                        continue
+                    if member.offset_data + member.size > size:
+                        raise tarfile.ReadError(f"unexpected end of data: member {member.name} is cut")
+                    if shard and member.name.endswith(audio_suffix):
+                        data = TarMember(shard, member.offset_data, member.size)
+                    else:
+                        data = tar.extractfile(member).read()
+                    yield {"fname": member.name, "data": data, "__url__": path}
     except Exception as exn:  # noqa: BLE001 (webdataset's contract: the handler decides)
         if not handler(exn):
             raise

@@ -13,7 +13,7 @@ import soundfile
 
 from relret import shard_format
 from relret.flac_crop import PCM_FULL_SCALE, crop_window, decode_flac_window, flac_frames, flac_info, read_flac_window
-from relret.tar_member import FileStamp, TarMember
+from relret.tar_member import ShardFile, TarMember
 
 SR = shard_format.SAMPLE_RATE_HZ
 BLOCK = 4096  # libsndfile's FLAC block size (checked in test_clips_use_the_block_size_the_tests_aim_at)
@@ -122,7 +122,7 @@ def _in_a_tar(tmp_path, data: bytes) -> TarMember:
             tar.addfile(info, io.BytesIO(content))
     with tarfile.open(path) as tar:
         member = tar.getmember("a.flac")
-    return TarMember(str(path), member.offset_data, member.size, FileStamp.of(path.stat()))
+    return TarMember(ShardFile(str(path)), member.offset_data, member.size)
 
 
 def test_windows_of_a_tar_member_equal_the_windows_of_its_bytes(clip, tmp_path):

@@ -9,7 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from relret.tar_member import FileStamp, ShardChanged, TarMember
+from relret import tar_member
+from relret.tar_member import ShardChanged, ShardFile, TarMember
 
 
 def _tar(path, members: dict[str, bytes]) -> None:
@@ -21,9 +22,9 @@ def _tar(path, members: dict[str, bytes]) -> None:
 
 
 def _members(path) -> dict[str, TarMember]:
-    stamp = FileStamp.of(os.stat(path))
+    shard = ShardFile(str(path))
     with tarfile.open(path) as tar:
-        return {m.name: TarMember(str(path), m.offset_data, m.size, stamp) for m in tar}
+        return {m.name: TarMember(shard, m.offset_data, m.size) for m in tar}
 
 
 @pytest.fixture
@@ -72,23 +73,28 @@ def test_reader_seeks_and_reads_like_an_in_memory_file(shard):
             f.seek(-1)
 
 
-def test_a_shard_changed_after_listing_is_refused(shard, tmp_path):
-    """Replaced (another file renamed over it, same bytes), rewritten in place (same size) or cut: the member is not
-    read at offsets found in the old file."""
+def test_a_shard_replaced_by_a_rename_reads_what_was_listed(shard, tmp_path):
+    """shards/ writes by rename: members listed before still read the bytes that were listed (the open file), not
+    the new file's bytes at the old offsets."""
     path, contents = shard
     member = _members(path)["k0.flac"]
-    copy = tmp_path / "copy.tar"
-    copy.write_bytes(path.read_bytes())
-    os.replace(copy, path)  # another inode: same content, but nothing says so
-    with pytest.raises(ShardChanged, match="changed since its members were listed"):
-        member.read()
+    other = tmp_path / "other.tar"
+    _tar(other, {"z.json": b"{}" * 5000, **{k: v[::-1] for k, v in contents.items()}})
+    os.replace(other, path)
+    assert member.read() == contents["k0.flac"]
+
+
+def test_a_shard_rewritten_in_place_or_cut_is_refused(shard):
+    """Rewritten in place (same size, a new modification time) or cut after opening: the member is not read at
+    offsets found in the old content; the shard's size is checked against each member."""
+    path, contents = shard
     member = _members(path)["k0.flac"]
     st = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(member.offset)
         f.write(b"\0" * 10)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    with pytest.raises(ShardChanged, match="changed since"):
+    with pytest.raises(ShardChanged, match="changed since its members were listed"):
         member.read(5)
     member = _members(path)["k0.flac"]
     with member.open() as f:  # cut after the member was opened: the read comes up short
@@ -96,19 +102,35 @@ def test_a_shard_changed_after_listing_is_refused(shard, tmp_path):
         with pytest.raises(ShardChanged, match="ended .* early"):
             f.read()
     with pytest.raises(ValueError, match="lie outside"):
-        TarMember(str(path), 0, 10**9, FileStamp.of(os.stat(path)))
+        TarMember(ShardFile(str(path)), 0, 10**9)
 
 
-def test_reader_closes_its_descriptor(shard):
-    """Every open() is closed with its reader, also when the shard has changed."""
+def test_one_descriptor_per_shard_closed_with_its_last_member(shard):
+    """Members share their shard's one open file, whatever their reads; it closes when the last member goes."""
     path, _ = shard
-    member = _members(path)["k0.flac"]
     before = len(os.listdir("/proc/self/fd"))
-    for _ in range(50):
-        with member.open() as f:
-            f.read(10)
-    os.utime(path, ns=(0, 0))
-    for _ in range(50):
-        with pytest.raises(ShardChanged):
-            member.open()
-    assert len(os.listdir("/proc/self/fd")) == before
+    members = _members(path)
+    assert len({id(m.shard) for m in members.values()}) == 1
+    for _ in range(20):
+        for m in members.values():
+            with m.open() as f:
+                f.read(10)
+    assert len(os.listdir("/proc/self/fd")) == before + 1 and ShardFile.open_count >= 1
+    count = ShardFile.open_count
+    del members, m
+    assert len(os.listdir("/proc/self/fd")) == before and ShardFile.open_count == count - 1
+
+
+def test_past_the_open_shard_limit_clips_come_as_bytes(tmp_path, monkeypatch, capfd):
+    """When a process already holds MAX_OPEN_SHARD_FILES shards open, the reader keeps further clips as bytes (with
+    one warning) instead of running out of file descriptors; the samples are the same."""
+    from relret.data import DamageCounter, _shard_samples
+
+    path = tmp_path / "s.tar"
+    _tar(path, {"a.flac": b"x" * 3000, "a.json": b"{}", "b.flac": b"y" * 10, "b.json": b"[]"})
+    lazy = list(_shard_samples(str(path), DamageCounter("test")))
+    monkeypatch.setattr(tar_member, "MAX_OPEN_SHARD_FILES", 0)
+    eager = list(_shard_samples(str(path), DamageCounter("test")))
+    assert [type(s["flac"]) for s in lazy] == [TarMember, TarMember] and [type(s["flac"]) for s in eager] == [bytes] * 2
+    assert [s["flac"].read() for s in lazy] == [s["flac"] for s in eager] == [b"x" * 3000, b"y" * 10]
+    assert "further clips are held as bytes" in capfd.readouterr().err
