@@ -17,8 +17,8 @@ three things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
   `read_flac_window` into one reused int16 buffer, the stream's decode (the ceiling: what a core could do if reading,
   parsing, collating and handing over cost nothing; measured before and after every stream run, median of the
   passes); the same decode reading the clip from its shard on demand (`relret.tar_member.TarMember`, as the stream
-  does: "crop from the shard"); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to float32 then a slice
-  (`shard_format.decode_flac`: before crop decoding).
+  does: "crop from the shard"); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to
+  float32 then a slice (`shard_format.decode_flac`: before crop decoding).
 Printed ratios: stream per worker / ceiling (wall: what a worker delivers, sharing the cores with the other workers
 and this process), per worker CPU second / ceiling (what the rest of the stream costs besides the decode; the
 issue's target is 0.85), and int16 crop / whole. Clips/s counts training samples: with data.epoch_unit caption (the

@@ -67,7 +67,7 @@ def flac_frames(data: FlacData) -> int:
     return flac_info(data).frames
 
 
-def _open(data: FlacData) -> io.RawIOBase | io.BytesIO:
+def _open(data: FlacData) -> io.BufferedIOBase:
     return data.open() if isinstance(data, TarMember) else io.BytesIO(data)
 
 
@@ -83,8 +83,8 @@ def _read_window(
     with _open(data) as raw, soundfile.SoundFile(raw) as f:
         if mono_pcm16 and (f.channels != 1 or f.subtype != "PCM_16"):
             raise ValueError(
-                f"FLAC data of {f.channels} channel(s) at {f.subtype.removeprefix('PCM_')} bits: the training stream reads mono 16-bit shards "
-                "(shard_format.encode_flac); rewrite the shards with shards/build.py"
+                f"FLAC data of {f.channels} channel(s) at {f.subtype.removeprefix('PCM_')} bits: the training stream "
+                "reads mono 16-bit shards (shard_format.encode_flac); rewrite the shards with shards/build.py"
             )
         wanted = max(0, min(frames, f.frames - start))
         if wanted == 0:

@@ -36,16 +36,14 @@ class ShardChanged(ValueError):
 
 
 class FileStamp(NamedTuple):
-    """What identifies a file's content well enough to read it at offsets found earlier."""
+    """What tells that an open file's content is still what it was (its identity cannot change: it is open)."""
 
-    device: int
-    inode: int
     size: int
     mtime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStamp:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_size, st.st_mtime_ns)
 
 
 class ShardFile:
@@ -74,11 +72,11 @@ class ShardFile:
                 "be rewritten while a job reads them; write new shards to a new directory"
             )
 
-    def close(self) -> None:
+    def close(self, _os_close=os.close) -> None:  # os.close bound early: __del__ may run at interpreter exit
         if self.fd >= 0:
-            os.close(self.fd)
+            _os_close(self.fd)
             self.fd = -1
-            ShardFile.open_count -= 1
+            type(self).open_count -= 1
 
     def __del__(self) -> None:
         if getattr(self, "fd", -1) >= 0:
@@ -103,18 +101,22 @@ class TarMember:
     def __repr__(self) -> str:
         return f"TarMember({self.shard.path!r}, offset={self.offset}, size={self.size})"
 
-    def open(self) -> io.BufferedReader:
-        """A read-only, seekable binary file of the member's bytes, buffered (`READ_BUFFER_BYTES`). Raises
-        ShardChanged when the shard has been rewritten in place or cut since it was opened."""
+    def _reader(self) -> MemberReader:
         if self.shard.fd < 0:
             raise ValueError(f"{self.shard.path} was closed while its members were still in use")
         self.shard.check()
-        return io.BufferedReader(MemberReader(self.shard, self.offset, self.size), READ_BUFFER_BYTES)
+        return MemberReader(self.shard, self.offset, self.size)
+
+    def open(self) -> io.BufferedReader:
+        """A read-only, seekable binary file of the member's bytes, buffered (`READ_BUFFER_BYTES`). Raises
+        ShardChanged when the shard has been rewritten in place or cut since it was opened."""
+        return io.BufferedReader(self._reader(), READ_BUFFER_BYTES)
 
     def read(self, n: int = -1) -> bytes:
-        """The member's first `n` bytes (all of them when n < 0)."""
-        with self.open() as f:
-            return f.read(n)
+        """The member's first `n` bytes (all of them when n < 0), in one read of just those bytes (a FLAC header is
+        42 bytes: no read-ahead)."""
+        with self._reader() as f:
+            return f.read(self.size if n < 0 else min(n, self.size))
 
 
 class MemberReader(io.RawIOBase):
