@@ -328,7 +328,12 @@ def test_cancel_stops_every_queued_and_running_stage(slurm_cluster, tmp_path):
     assert cancelled.stdout.strip() == f"cancelled {', '.join(jobs)}"
     assert [wait_job(job_id).state for job_id in jobs] == ["CANCELLED"] * 4
     log = (run_root / "logs" / f"pretrain-{jobs[0]}.log").read_text()
-    assert "training stopped after SIGTERM (exit 75); not requeueing: the job is COMPLETING" in log
+    # The exit code is srun's and depends on a race inside SLURM: srun is itself sent SIGTERM by the cancel and
+    # reports the tasks' 75 when it collects them first, another code when the step is torn down first (seen once in
+    # CI). Either way the shell must have caught the SIGTERM and declined to requeue a job that SLURM is ending.
+    assert re.search(
+        r"training stopped after SIGTERM \(exit \d+\); not requeueing: the job is (COMPLETING|CANCELLED)", log
+    ), log
     time.sleep(3)  # longer than the scheduler's interval: a requeued job would be pending again by now
     assert (slurm.job_info(jobs[0]).state, slurm.job_info(jobs[0]).restarts) == ("CANCELLED", 0)
     assert launcher_cli("cancel", str(run_root)).stdout.strip() == "no job of this pipeline is pending or running"
