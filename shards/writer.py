@@ -21,7 +21,9 @@ from relret import storage
 from relret.shard_format import SampleMeta, ShardInfo, encode_sample
 from shards import progress
 
-TAR_MTIME = 0.0
+TAR_MTIME = 0
+"""An integer: tarfile writes a float mtime as a pax extended header before every member, which doubles the headers a
+reader parses per member (listing a shard took 2.4x as long)."""
 TAR_OWNER = "relret"
 
 

@@ -88,7 +88,11 @@ def _check_manifest_files(out_dir: str, samples_per_shard: int, total: int):
         path = Path(out_dir) / shard.name
         assert (path.stat().st_size, _sha256(path)) == (shard.bytes, shard.sha256)
         with tarfile.open(path) as tar:
-            assert len(tar.getnames()) == 3 * shard.samples
+            members = tar.getmembers()
+        assert len(members) == 3 * shard.samples
+        # One 512-byte ustar header per member, with no pax extended header before it (a reader parses one header)
+        assert all(m.pax_headers == {} and m.offset_data == m.offset + 512 for m in members)
+        assert {(m.mtime, m.uname, m.gname) for m in members} == {(0, "relret", "relret")}
     assert manifest.total_samples == total
     return manifest
 
