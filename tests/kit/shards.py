@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from relret import shard_format
+from shards.writer import TAR_MTIME, TAR_OWNER
 
 SR = shard_format.SAMPLE_RATE_HZ
 
@@ -82,7 +83,8 @@ def write_shard_dir(
         index = start // per_shard
         name = shard_format.shard_name(dataset, split, index)
         buf = io.BytesIO()
-        with wds.TarWriter(buf) as sink:
+        # tar headers as shards/writer.py writes them (an integer mtime: no pax header before each member)
+        with wds.TarWriter(buf, user=TAR_OWNER, group=TAR_OWNER, mtime=TAR_MTIME) as sink:
             for i in range(start, min(start + per_shard, n_clips)):
                 kind = kinds[i % len(kinds)]
                 duration = float(durations_s[i % len(durations_s)])
