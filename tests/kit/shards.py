@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from relret import shard_format
-from shards.writer import TAR_MTIME, TAR_OWNER
+
+TAR_HEADERS = {"user": "relret", "group": "relret", "mtime": 0}
+"""The tar headers shards/writer.py writes (an integer mtime: no pax header before each member); spelled out rather
+than imported because this file also runs as a script, where `shards` would name this file."""
 
 SR = shard_format.SAMPLE_RATE_HZ
 
@@ -83,8 +86,7 @@ def write_shard_dir(
         index = start // per_shard
         name = shard_format.shard_name(dataset, split, index)
         buf = io.BytesIO()
-        # tar headers as shards/writer.py writes them (an integer mtime: no pax header before each member)
-        with wds.TarWriter(buf, user=TAR_OWNER, group=TAR_OWNER, mtime=TAR_MTIME) as sink:
+        with wds.TarWriter(buf, **TAR_HEADERS) as sink:
             for i in range(start, min(start + per_shard, n_clips)):
                 kind = kinds[i % len(kinds)]
                 duration = float(durations_s[i % len(durations_s)])

@@ -97,6 +97,17 @@ def _check_manifest_files(out_dir: str, samples_per_shard: int, total: int):
     return manifest
 
 
+def test_test_kit_shards_carry_the_writers_tar_headers():
+    """bench/loader.py and the data tests read shards written by tests/kit/shards.py: their headers must be those of
+    shards/writer.py (an int mtime, since 0.0 == 0 would hide the pax headers a float brings)."""
+    from kit.shards import TAR_HEADERS
+
+    from shards.writer import TAR_MTIME, TAR_OWNER
+
+    assert TAR_HEADERS == {"user": TAR_OWNER, "group": TAR_OWNER, "mtime": TAR_MTIME}
+    assert type(TAR_HEADERS["mtime"]) is type(TAR_MTIME) is int
+
+
 def test_real_clotho_clips_read_back_exactly(shared_data, tmp_path, sbert_model):
     """The 7 real Clotho clips with their real captions: cropped to 20 s, every value checked against a reference."""
     audio_dir = shared_data / "audio/clotho_evaluation"
