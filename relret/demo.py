@@ -81,6 +81,10 @@ def stage(kind: str, method: str, seed: int) -> str:
 # The pipeline
 
 
+SHARD_PLAN = "shards.yaml"
+"""The shard stage's plan file, written beside pipeline.yaml in OUT (the pipeline's run root)."""
+
+
 def shard_plan(out: Path) -> dict:
     """The shard stage's jobs (OUT/shards.yaml, run by `shards/build.py --plan`): the four corpus splits in one Ray
     session with the Sentence-BERT model loaded once, as configs/pipeline.yaml's shard stage runs the paper's splits.
@@ -110,7 +114,7 @@ def pipeline_config(out: Path, size: DemoSize, seeds: Sequence[int]) -> dict:
             f"{{python}} -m shards.synth --out {{run_dir}}/{name} --split {split} --seed {seed} "
             f"--clips {getattr(size, field)}"
         )
-    shard_cmd = ["{python}", "{repo}/shards/build.py", "--plan", "{run_root}/shards.yaml"]
+    shard_cmd = ["{python}", "{repo}/shards/build.py", "--plan", f"{{run_root}}/{SHARD_PLAN}"]
     shards = "{stages[shard]}"
     val = f"data.val=[{shards}/clotho/validation]"
     stages: dict[str, dict] = {
@@ -151,7 +155,7 @@ def pipeline_config(out: Path, size: DemoSize, seeds: Sequence[int]) -> dict:
 
 
 def run_pipeline(out: Path, size: DemoSize, seeds: Sequence[int]) -> None:
-    plan = out / "shards.yaml"
+    plan = out / SHARD_PLAN
     plan.write_text(
         "# Written by `python -m relret demo`: the jobs of its shard stage (shards/build.py --plan THIS)\n"
         + yaml.safe_dump(shard_plan(out), sort_keys=False, width=120)
