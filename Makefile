@@ -2,6 +2,8 @@
 # project into it with the CPU constraints (torch 2.13.0 CPU wheel, the boto3/s3fs pair); a second run is fast
 # because the install is redone only when pyproject.toml or constraints-cpu.txt changed.
 PYTHON ?= python3
+# pytest-xdist workers of `make test` (the test files run in parallel, one file per worker at a time)
+TEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.relret-installed
@@ -18,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

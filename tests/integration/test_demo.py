@@ -20,6 +20,8 @@ from relret.retrieval import RetrievalModel
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.ray]
+
 
 def run_demo(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
