@@ -28,7 +28,8 @@ with the same random draw as a crop of the decoded clip) and a validation clip's
 workers to the training process and to the GPU) and `Batch.audio` is the float signal, bit for bit what a float
 decode gives. Local shards are read with random access, their clips' bytes only as far as a crop needs them and
 never held in the shuffle buffer (`relret.tar_member`); S3 shards are streamed (`_shard_samples`); training workers
-write batches into reused shared-memory blocks (`PcmSlots`), which the loader copies out of as it receives them.
+decode their crops straight into reused shared-memory blocks (`PcmSlots`, `_BlockRows`), which the loader copies
+out of as it receives them.
 
 A batch is a `Batch`; training batches carry `StreamInfo` (the worker's position and its damage counts).
 Evaluation shards are opened with `open_eval_shards`, and `eval_data_config` gives the streaming settings to read
@@ -453,7 +454,8 @@ class _Clip:
     key: str
     clip_id: int
     pcm: np.ndarray
-    """int16 PCM of the clip's window (a view of a `_RowBuffers` row until the batch is collated)."""
+    """int16 PCM of the clip's window: a view of its row (`_RowBuffers`, `_BlockRows`), valid until the batch is
+    collated."""
     caption: str
     caption_sbert: np.ndarray
     all_sbert: np.ndarray
@@ -504,6 +506,35 @@ class _RowBuffers:
         if len(self._rows[i]) < frames:
             self._rows[i] = np.empty(frames, dtype=np.int16)
         return self._rows[i][:frames]
+
+
+class _BlockRows:
+    """The rows of one batch decoded straight into its PCM block: row i at offset i * stride of an int16
+    [rows, stride] tensor (a worker's shared-memory slot), so that collating copies no PCM. `batch` then lays the
+    rows out at the longest row's length, in place, and zero-pads the shorter ones."""
+
+    def __init__(self, block: torch.Tensor) -> None:
+        self.block = block
+        self.stride = block.shape[1]
+        self._flat = block.numpy().reshape(-1)
+
+    def row(self, i: int, frames: int) -> np.ndarray:
+        """Row i's place in the block, as a view of exactly `frames` (at most the stride)."""
+        if frames > self.stride:
+            raise ValueError(f"a window of {frames} frames does not fit a row of {self.stride}")
+        return self._flat[i * self.stride : i * self.stride + frames]
+
+    def batch(self, lengths: Sequence[int]) -> torch.Tensor:
+        """The int16 [len(lengths), max(lengths)] view of the block holding rows 0.. with these lengths (what
+        `collate` writes), after moving each row to its place at the longest row's stride. A row only moves
+        towards the block's start, and rows move in order, so none is overwritten before it has moved; numpy
+        copies a move whose source and destination overlap correctly."""
+        width, flat, stride = max(lengths), self._flat, self.stride
+        for i, n in enumerate(lengths):
+            if width != stride and i:
+                flat[i * width : i * width + n] = flat[i * stride : i * stride + n]
+            flat[i * width + n : (i + 1) * width] = 0
+        return self.block.view(-1)[: len(lengths) * width].view(len(lengths), width)
 
 
 def _shared_int16(numel: int) -> torch.Tensor:
@@ -582,9 +613,12 @@ class PcmSlots:
         return batch
 
 
-def collate(clips: Sequence[_Clip], max_captions: int, pcm: torch.Tensor | None = None) -> Batch:
+def collate(
+    clips: Sequence[_Clip], max_captions: int, pcm: torch.Tensor | None = None, pcm_written: bool = False
+) -> Batch:
     """Stack clips into a batch (PCM zero-padded to the longest clip, caption vectors to `max_captions`); `pcm`: an
-    int16 [len(clips), longest] tensor to write it into (default: a new one)."""
+    int16 [len(clips), longest] tensor to write it into (default: a new one), or, with `pcm_written`, that already
+    holds it (`_BlockRows.batch`: only the clips' lengths are read then)."""
     batch, dim = len(clips), clips[0].caption_sbert.shape[0]
     length = max(len(c.pcm) for c in clips)
     if pcm is None:
@@ -594,8 +628,9 @@ def collate(clips: Sequence[_Clip], max_captions: int, pcm: torch.Tensor | None 
     caption_mask = np.zeros((batch, max_captions), dtype=bool)
     for i, c in enumerate(clips):
         n = len(c.pcm)
-        pcm_np[i, :n] = c.pcm
-        pcm_np[i, n:] = 0
+        if not pcm_written:
+            pcm_np[i, :n] = c.pcm
+            pcm_np[i, n:] = 0
         n = min(len(c.all_sbert), max_captions)
         clip_sbert[i, :n] = c.all_sbert[:n]
         caption_mask[i, :n] = True
@@ -692,7 +727,7 @@ class TrainStream(IterableDataset):
         self.pcm_slots: PcmSlots | None = None
         """Set by `BatchLoader` for an iteration with workers."""
 
-    def _clip(self, raw: dict, rows: _RowBuffers, row: int) -> _Clip:
+    def _clip(self, raw: dict, rows: _RowBuffers | _BlockRows, row: int) -> _Clip:
         """The training sample of a raw sample: its caption and random crop, decoded into `rows.row(row, ...)`."""
         sample = _decode(raw, self.cfg.sbert_dim)
         position, index = raw["__pos__"]
@@ -741,19 +776,26 @@ class TrainStream(IterableDataset):
         clips: list[_Clip] = []
         rows = _RowBuffers()
         for batches_done in range(pos.batches_done, quota):
+            # In a worker the crops are decoded straight into the batch's shared-memory slot (`_BlockRows`), one
+            # row of the full crop length per clip; otherwise into reused row buffers that `collate` copies.
+            block, slot = None, None
+            if self.pcm_slots is not None:
+                block, slot = self.pcm_slots.acquire(
+                    worker_id, self.batch_size, self.crop_samples, self.batch_size * self.crop_samples
+                )
+            into = rows if block is None else _BlockRows(block)
             while len(clips) < self.batch_size:
                 sample = next(raw)
                 raw_pos += 1
                 try:
-                    clips.append(self._clip(sample, rows, len(clips)))
+                    clips.append(self._clip(sample, into, len(clips)))
                 except Exception as exn:  # a damaged sample: counted and skipped
                     sample_damage.url = sample.get("__url__", "?")
                     sample_damage.record(exn)
-            pcm, slot = None, None
-            if self.pcm_slots is not None:
-                length = max(len(c.pcm) for c in clips)
-                pcm, slot = self.pcm_slots.acquire(worker_id, len(clips), length, self.batch_size * self.crop_samples)
-            batch = collate(clips, self.cfg.max_captions, pcm)
+            if block is None:
+                batch = collate(clips, self.cfg.max_captions)
+            else:
+                batch = collate(clips, self.cfg.max_captions, into.batch([len(c.pcm) for c in clips]), True)
             batch.slot = slot
             clips = []
             counts = (shard_damage.count, sample_damage.count, reads[0])

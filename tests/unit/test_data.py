@@ -67,11 +67,14 @@ def test_two_ranks_of_four_read_what_one_rank_of_eight_reads(corpus):
             np.testing.assert_array_equal(batch["audio"].numpy()[:, : audio.shape[1]], audio)
 
 
-def test_workers_reusing_shared_memory_slots_deliver_the_batches_of_fresh_blocks(corpus, monkeypatch):
-    """2 workers writing 24 batches into 3 reused shared-memory slots each (relret.data.PcmSlots), read by a slow
-    consumer that keeps every batch: each batch equals what the same workers give writing every batch into a fresh
-    block (PCM bytes, lengths, keys), so no slot was written while a kept batch still lay in it; the slots really
-    were reused and no worker fell back to a fresh block."""
+@pytest.mark.parametrize("crop_s", [2.0, 5.0])
+def test_workers_reusing_shared_memory_slots_deliver_the_batches_of_fresh_blocks(corpus, monkeypatch, crop_s):
+    """2 workers decoding 24 batches straight into 3 reused shared-memory slots each (relret.data.PcmSlots,
+    _BlockRows), read by a slow consumer that keeps every batch: each batch equals what the same workers give
+    decoding into row buffers and collating into a fresh block (PCM bytes, lengths, keys), so no slot was written
+    while a kept batch still lay in it; the slots really were reused and no worker fell back to a fresh block. Clips
+    of 1-4 s: cropped to 2 s most batches hold a full-length row; with 5 s crops every batch's rows are moved to
+    the longest clip's length in the slot."""
     import time
 
     from relret.data import PcmSlots
@@ -85,7 +88,7 @@ def test_workers_reusing_shared_memory_slots_deliver_the_batches_of_fresh_blocks
         time.sleep(0.02)  # the workers run ahead and wait for slots
         return release(self, batch)
 
-    cfg = _cfg([root / "a"], num_workers=2, shuffle_buffer=8, prefetch_factor=2)
+    cfg = _cfg([root / "a"], num_workers=2, shuffle_buffer=8, prefetch_factor=2, crop_s=crop_s)
     with monkeypatch.context() as fresh_blocks:
         fresh_blocks.setattr(PcmSlots, "acquire", lambda self, worker, rows, length, capacity: (None, None))
         want = _epoch(cfg, batch=8, batches=24)
@@ -97,6 +100,32 @@ def test_workers_reusing_shared_memory_slots_deliver_the_batches_of_fresh_blocks
         assert a.pcm.dtype == torch.int16 and torch.equal(a.pcm, b.pcm) and torch.equal(a.audio_len, b.audio_len)
         assert not a.pcm.is_shared()  # copied out of the slot
     assert None not in seen and Counter(seen) == {(w, s): 4 for w in (0, 1) for s in range(3)}
+
+
+@pytest.mark.parametrize(
+    ("stride", "lengths"),
+    [(10, [10, 3, 7]), (10, [4, 9, 9, 1]), (6, [5, 5, 5, 5, 5]), (10, [2]), (8, [8, 8])],
+)
+def test_block_rows_lay_out_in_place_the_batch_collate_writes(stride, lengths):
+    """Rows decoded into a block at the crop's stride, then laid out at the longest row's length in place (moves
+    whose source and destination overlap included), equal the batch stacked from separate rows, each zero-padded;
+    a window longer than the stride is refused."""
+    from relret.data import _BlockRows
+
+    rng = np.random.default_rng(0)
+    block = torch.full((len(lengths), stride), -1, dtype=torch.int16)  # -1 where no row is written
+    rows = _BlockRows(block)
+    want = [rng.integers(-(2**15), 2**15, n).astype(np.int16) for n in lengths]
+    for i, pcm in enumerate(want):
+        rows.row(i, len(pcm))[:] = pcm
+    expected = np.zeros((len(lengths), max(lengths)), dtype=np.int16)
+    for i, pcm in enumerate(want):
+        expected[i, : len(pcm)] = pcm
+    got = rows.batch(lengths)
+    assert got.shape == expected.shape and got.is_contiguous() and got.data_ptr() == block.data_ptr()
+    np.testing.assert_array_equal(got.numpy(), expected)
+    with pytest.raises(ValueError, match=f"a window of {stride + 1} frames does not fit a row of {stride}"):
+        rows.row(0, stride + 1)
 
 
 def test_slots_hand_out_free_blocks_and_fall_back_when_none_comes_back(monkeypatch):
