@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-cpu.txt -e '.[cpu,dev]'
 	@# DeepSpeed compiles its CPU shared-memory op with g++ on the first training run (about 30 s, cached in
 	@# ~/.cache/torch_extensions): done here once, so that no training run, and no timed test, pays for it.
-	@echo "compiling DeepSpeed's CPU shared-memory op (once per .venv) ..."
+	@echo "compiling DeepSpeed's CPU shared-memory op (cached in ~/.cache/torch_extensions, shared by every .venv) ..."
 	@$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >$(VENV)/deepspeed-op-build.log 2>&1 \
 		|| { echo "DeepSpeed's CPU shared-memory op did not compile (see $(VENV)/deepspeed-op-build.log): install g++" \
 			"(apt-get install g++) and run make again" >&2; exit 1; }
