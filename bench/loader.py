@@ -1,12 +1,12 @@
 """Training-stream throughput per CPU core against the ceiling of decoding the same crops alone, side by side.
 
-    .venv/bin/python bench/loader.py                          # ~1-2 min on 2 cores: both shapes, 1 and 2 workers
+    .venv/bin/python bench/loader.py                          # ~1.5 min on 2 cores: both shapes, 1 and 2 workers
     .venv/bin/python bench/loader.py --batches 24 --clotho-clips 96 --wavcaps-clips 64 --workers 1 2 4
 
 For each corpus shape (synthetic shards written with tests/kit/shards.py into a temporary directory):
 - clotho: clips of 15-30 s with 1-5 captions (the shard kit cycles the count; Clotho has 5);
 - wavcaps: clips of 60-120 s with one caption (shards that keep long clips, so that each epoch crops afresh),
-three things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
+four things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
 - stream: relret.data.TrainStream through make_loader with 1, 2, ... DataLoader workers, as training runs it (tar
   headers and the small members, json, the part of the clip's FLAC member its crop needs read from the shard and
   decoded into int16, Sentence-BERT vectors, collate into a reused shared-memory slot, the hand-over to this
@@ -19,9 +19,15 @@ three things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
   passes); the same decode reading the clip from its shard on demand (`relret.tar_member.TarMember`, as the stream
   does: "crop from the shard"); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to
   float32 then a slice (`shard_format.decode_flac`: before crop decoding).
+- the stream paired with its ceiling (unless --no-paired): the same stream run again, each worker decoding every
+  batch's crops a second time, alone, from the clips' FLAC bytes it read into RAM before starting, before it yields
+  the batch (that CPU left out of the stream's); the stream and its ceiling are then timed in the same process,
+  batch after batch, under the same load, where the ceiling above is timed apart from the stream, in another
+  process, and its passes swing by up to a third on these machines.
 Printed ratios: stream per worker / ceiling (wall: what a worker delivers, sharing the cores with the other workers
 and this process), per worker CPU second / ceiling (what the rest of the stream costs besides the decode; the
-issue's target is 0.85), and int16 crop / whole. Clips/s counts training samples: with data.epoch_unit caption (the
+issue's target is 0.85), the same paired in the worker (the steady form of that ratio; also its range over single
+batches), and int16 crop / whole. Clips/s counts training samples: with data.epoch_unit caption (the
 paper's setting, the default here) a clip is decoded once per caption, each with a crop of its own.
 """
 
@@ -144,50 +150,95 @@ def data_config(shard_dir: Path, crop_s: float, workers: int, args: argparse.Nam
 
 _DECODE_CPU_S = [0.0]
 """CPU seconds this process's thread spent in relret.data's read_flac_window (each DataLoader worker its own copy)."""
+_DECODES_MADE: list[tuple] = []
+"""(FLAC data, start, frames) of every crop relret.data's read_flac_window decoded since the list was last emptied."""
 
 
 def _timed_decodes() -> None:
-    """Time every crop decode of the training stream (relret.data.read_flac_window), once, before workers fork."""
+    """Time and record every crop decode of the training stream (relret.data.read_flac_window), once, before workers
+    fork."""
     import relret.data
 
     if getattr(relret.data.read_flac_window, "timed", False):
         return
     decode = relret.data.read_flac_window
 
-    def timed(*args, **kwargs):
+    def timed(data, start, out):
         t = time.thread_time()
         try:
-            return decode(*args, **kwargs)
+            return decode(data, start, out)
         finally:
             _DECODE_CPU_S[0] += time.thread_time() - t
+            _DECODES_MADE.append((data, start, len(out)))
 
     timed.timed = True
     relret.data.read_flac_window = timed
 
 
-def timed_stream(*args, **kwargs):
+def _flac_by_place(urls: list[str]) -> dict[tuple[str, int], bytes]:
+    """The FLAC bytes of every clip of these local shards, read into RAM, by (shard path, offset in the shard)."""
+    out = {}
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.endswith("." + shard_format.AUDIO_EXT):
+                    out[(url, m.offset_data)] = tar.extractfile(m).read()
+    return out
+
+
+def _paired_ceiling(made: list[tuple], in_ram: dict[tuple[str, int], bytes], buffer: np.ndarray) -> tuple[float, int]:
+    """The ceiling for crops the stream has just decoded, in the same worker: `flac_frames` + `read_flac_window` of
+    the same windows from the clips' FLAC bytes held in RAM since before the stream started (`_flac_by_place`), as
+    `decode_rates` times its "pcm" pass. Returns the CPU seconds of this thread and the windows decoded."""
+    t, decoded = time.thread_time(), 0
+    for data, start, n in made:
+        if isinstance(data, TarMember):
+            data = in_ram[(data.shard.path, data.offset)]
+        flac_frames(data)
+        read_flac_window(data, start, buffer[:n])
+        decoded += 1
+    return time.thread_time() - t, decoded
+
+
+def timed_stream(*args, paired: bool = False, **kwargs):
     """relret.data.TrainStream whose batches carry the CPU seconds their worker process had used when it yielded
     them (`worker_cpu_s`: every thread of the worker, so sending the previous batch is included) and the part of them
-    spent decoding crops (`worker_decode_s`)."""
+    spent decoding crops (`worker_decode_s`). With `paired`, the worker also decodes each batch's crops again, alone,
+    from the clips' bytes it read into RAM before the stream started, before yielding the batch (`_paired_ceiling`):
+    `worker_ceiling_s` and `worker_ceiling_clips` are that ceiling's CPU seconds and crops so far, and its CPU is
+    left out of `worker_cpu_s`."""
     from relret.data import TrainStream
 
     _timed_decodes()
 
     class TimedStream(TrainStream):
         def __iter__(self):
+            buffer = np.empty(self.crop_samples, dtype=np.int16)
+            in_ram = _flac_by_place(self.urls) if paired else {}
+            ceiling_s, ceiling_clips = 0.0, 0
+            _DECODES_MADE.clear()
             for batch in super().__iter__():
-                batch.worker_cpu_s = time.process_time()
+                if paired:
+                    spent, decoded = _paired_ceiling(_DECODES_MADE, in_ram, buffer)
+                    ceiling_s, ceiling_clips = ceiling_s + spent, ceiling_clips + decoded
+                _DECODES_MADE.clear()
+                batch.worker_cpu_s = time.process_time() - ceiling_s
                 batch.worker_decode_s = _DECODE_CPU_S[0]
+                batch.worker_ceiling_s, batch.worker_ceiling_clips = ceiling_s, ceiling_clips
                 yield batch
 
     return TimedStream(*args, **kwargs)
 
 
-def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batches: int, args) -> dict:
+def stream_rate(
+    shard_dir: Path, crop_s: float, workers: int, batch: int, batches: int, args, paired: bool = False
+) -> dict:
     """Clips/s of the real training stream with `workers` DataLoader workers, over the batches after each worker's
     first (the workers' start and the shuffle buffer's fill are left out), and clips per worker CPU second over the
     same batches: the CPU each worker used between yielding its first and its last batch, for the batches in
-    between."""
+    between. With `paired` (see `timed_stream`), also the ceiling measured in the workers batch by batch over the
+    same batches: `paired_ratio` (clips per worker CPU second / the ceiling's clips per CPU second) and the range of
+    that ratio over single batches; the wall-clock figures of such a run include the ceiling's work."""
     from relret.data import make_loader, open_shard_dir
 
     cfg = data_config(shard_dir, crop_s, workers, args)
@@ -196,31 +247,54 @@ def stream_rate(shard_dir: Path, crop_s: float, workers: int, batch: int, batche
         raise ValueError(f"{len(sets[0].urls)} shard(s) in {shard_dir} for {workers} workers: write smaller shards")
     n_workers = max(workers, 1)
     stream = timed_stream(
-        sets, cfg, seed=0, epoch=0, rank=0, world_size=1, batch_size=batch, batches=batches + n_workers, start=None
+        sets,
+        cfg,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        batch_size=batch,
+        batches=batches + n_workers,
+        start=None,
+        paired=paired,
     )
-    cpu: dict[int, list[float]] = {}
-    decode: dict[int, list[float]] = {}
-    clips: dict[int, int] = {}
+    seen: dict[int, list] = {}
     t_first = None
     with make_loader(stream, cfg) as loader:
         for i, b in enumerate(loader):
             if i == n_workers - 1:
                 t_first = time.perf_counter()
-            cpu.setdefault(b.info.worker, []).append(b.worker_cpu_s)
-            decode.setdefault(b.info.worker, []).append(b.worker_decode_s)
-            if len(cpu[b.info.worker]) > 1:
-                clips[b.info.worker] = clips.get(b.info.worker, 0) + len(b)
+            seen.setdefault(b.info.worker, []).append(
+                (len(b), b.worker_cpu_s, b.worker_decode_s, b.worker_ceiling_s, b.worker_ceiling_clips)
+            )
         t_end = time.perf_counter()
-    rate = sum(clips.values()) / (t_end - t_first)
-    worker_cpu_s = sum(c[-1] - c[0] for c in cpu.values())
-    decode_s = sum(d[-1] - d[0] for d in decode.values())
-    return {
+    clips = sum(n for s in seen.values() for n, *_ in s[1:])
+    rate = clips / (t_end - t_first)
+
+    def spent(column: int) -> float:  # over the batches after each worker's first
+        return sum(s[-1][column] - s[0][column] for s in seen.values())
+
+    worker_cpu_s, decode_s, ceiling_s, ceiling_clips = spent(1), spent(2), spent(3), spent(4)
+    out = {
         "workers": workers,
+        "paired": paired,
         "clips_per_s": rate,
         "per_worker": rate / n_workers,
-        "per_worker_cpu_s": sum(clips.values()) / worker_cpu_s if workers and worker_cpu_s > 0 else None,
+        "per_worker_cpu_s": clips / worker_cpu_s if workers and worker_cpu_s > 0 else None,
         "decode_share": decode_s / worker_cpu_s if workers and worker_cpu_s > 0 else None,
     }
+    if paired and workers and worker_cpu_s > 0 and ceiling_s > 0:
+        out["ceiling"] = ceiling_clips / ceiling_s
+        out["clips"], out["ceiling_clips"] = clips, ceiling_clips
+        out["paired_ratio"] = out["per_worker_cpu_s"] / out["ceiling"]
+        per_batch = [
+            (n / (cpu - prev[1])) / ((cc - prev[4]) / (cs - prev[3]))
+            for s in seen.values()
+            for prev, (n, cpu, _, cs, cc) in zip(s, s[1:])
+            if cpu > prev[1] and cs > prev[3]
+        ]
+        out["batch_ratios"] = (min(per_batch), statistics.median(per_batch), max(per_batch))
+    return out
 
 
 def buffer_bytes(shard_dir: Path) -> float:
@@ -246,6 +320,9 @@ def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) 
     for w in args.workers:  # the ceiling is measured again after each stream run: the machine's load drifts
         streams.append(stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args))
         rates["pcm"] += decode_rates(clips, args.crop_s, "pcm", per_caption, 1)
+    for w in args.workers if args.paired else ():
+        if w:
+            streams.append(stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args, paired=True))
     return {
         "shape": shape,
         "clip_s": statistics.mean(flac_frames(d) for d, _, _ in clips) / SR,
@@ -271,6 +348,16 @@ def print_shape(r: dict, crop_s: float) -> None:
         f"{r['pcm'] / r['whole']:.2f}x"
     )
     for s in r["streams"]:
+        if s["paired"]:
+            if "paired_ratio" in s:
+                lo, mid, hi = s["batch_ratios"]
+                print(
+                    f"  stream, {s['workers']} worker(s), paired with the ceiling in the worker batch by batch: "
+                    f"{s['per_worker_cpu_s']:6.1f} clips/worker-CPU-s against {s['ceiling']:6.1f}   "
+                    f"per worker-CPU-s / ceiling = {s['paired_ratio']:.2f} (single batches {lo:.2f}-{hi:.2f}, "
+                    f"median {mid:.2f}), decoding's share of the worker's CPU = {s['decode_share']:.2f}"
+                )
+            continue
         cpu, cpu_ratio = "n/a", ""
         if s["per_worker_cpu_s"]:
             cpu = f"{s['per_worker_cpu_s']:6.1f} clips/worker-CPU-s"
@@ -297,6 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epoch-unit", choices=("clip", "caption"), default="caption")
     p.add_argument("--shuffle-buffer", type=int, default=64)
     p.add_argument("--prefetch-factor", type=int, default=2)
+    p.add_argument(
+        "--no-paired",
+        dest="paired",
+        action="store_false",
+        help="skip the second stream run per worker count whose workers time the ceiling batch by batch",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     print(
