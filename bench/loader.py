@@ -5,7 +5,8 @@
 
 For each corpus shape (synthetic shards written with tests/kit/shards.py into a temporary directory):
 - clotho: clips of 15-30 s with 1-5 captions (the shard kit cycles the count; Clotho has 5);
-- wavcaps: clips of 60-120 s with one caption (shards that keep long clips, so that each epoch crops afresh),
+- wavcaps: clips of 60-120 s with one caption (shards that keep long clips, so that each epoch crops afresh);
+- audiocaps: clips of 10 s with one caption (AudioCaps' training split: a 10 s crop decodes the whole clip, no seek),
 four things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
 - stream: relret.data.TrainStream through make_loader with 1, 2, ... DataLoader workers, as training runs it (tar
   headers and the small members, json, the part of the clip's FLAC member its crop needs read from the shard and
@@ -59,6 +60,7 @@ SHAPES = {
     # name: (clip durations in seconds, cycled over the clips; most captions per clip)
     "clotho": ((15.0, 18.0, 21.0, 24.0, 27.0, 30.0), 5),
     "wavcaps": ((60.0, 75.0, 90.0, 105.0, 120.0), 1),
+    "audiocaps": ((10.0,), 1),
 }
 
 
@@ -375,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--clotho-clips", type=int, default=48)
+    p.add_argument("--audiocaps-clips", type=int, default=48)
     p.add_argument("--wavcaps-clips", type=int, default=32)
     p.add_argument("--crop-s", type=float, default=DataConfig.crop_s, help="crop length (data.crop_s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to run")
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="relret-bench-loader-") as tmp:
         for shape in args.shapes:
-            n = args.clotho_clips if shape == "clotho" else args.wavcaps_clips
+            n = {"clotho": args.clotho_clips, "wavcaps": args.wavcaps_clips, "audiocaps": args.audiocaps_clips}[shape]
             print_shape(bench_shape(Path(tmp), shape, n, args), args.crop_s)
             sys.stdout.flush()
     print(f"total {time.perf_counter() - t0:.1f} s")
