@@ -35,6 +35,7 @@ paper's setting, the default here) a clip is decoded once per caption, each with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -156,13 +157,13 @@ _DECODES_MADE: list[tuple] = []
 """(FLAC data, start, frames) of every crop relret.data's read_flac_window decoded since the list was last emptied."""
 
 
-def _timed_decodes() -> None:
-    """Time and record every crop decode of the training stream (relret.data.read_flac_window), once, before workers
-    fork."""
+@contextlib.contextmanager
+def _timed_decodes():
+    """While open, every crop decode of the training stream in this process (relret.data.read_flac_window) is timed
+    (`_DECODE_CPU_S`) and recorded (`_DECODES_MADE`); on leaving, the decoder is put back and the record emptied, so
+    that no TarMember (and its open shard) is kept after the stream."""
     import relret.data
 
-    if getattr(relret.data.read_flac_window, "timed", False):
-        return
     decode = relret.data.read_flac_window
 
     def timed(data, start, out):
@@ -173,8 +174,12 @@ def _timed_decodes() -> None:
             _DECODE_CPU_S[0] += time.thread_time() - t
             _DECODES_MADE.append((data, start, len(out)))
 
-    timed.timed = True
     relret.data.read_flac_window = timed
+    try:
+        yield
+    finally:
+        relret.data.read_flac_window = decode
+        _DECODES_MADE.clear()
 
 
 def _flac_by_place(urls: list[str]) -> dict[tuple[str, int], bytes]:
@@ -211,23 +216,21 @@ def timed_stream(*args, paired: bool = False, **kwargs):
     left out of `worker_cpu_s`."""
     from relret.data import TrainStream
 
-    _timed_decodes()
-
     class TimedStream(TrainStream):
         def __iter__(self):
             buffer = np.empty(self.crop_samples, dtype=np.int16)
             in_ram = _flac_by_place(self.urls) if paired else {}
             ceiling_s, ceiling_clips = 0.0, 0
-            _DECODES_MADE.clear()
-            for batch in super().__iter__():
-                if paired:
-                    spent, decoded = _paired_ceiling(_DECODES_MADE, in_ram, buffer)
-                    ceiling_s, ceiling_clips = ceiling_s + spent, ceiling_clips + decoded
-                _DECODES_MADE.clear()
-                batch.worker_cpu_s = time.process_time() - ceiling_s
-                batch.worker_decode_s = _DECODE_CPU_S[0]
-                batch.worker_ceiling_s, batch.worker_ceiling_clips = ceiling_s, ceiling_clips
-                yield batch
+            with _timed_decodes():  # in the process that iterates: the DataLoader worker
+                for batch in super().__iter__():
+                    if paired:
+                        spent, decoded = _paired_ceiling(_DECODES_MADE, in_ram, buffer)
+                        ceiling_s, ceiling_clips = ceiling_s + spent, ceiling_clips + decoded
+                    _DECODES_MADE.clear()
+                    batch.worker_cpu_s = time.process_time() - ceiling_s
+                    batch.worker_decode_s = _DECODE_CPU_S[0]
+                    batch.worker_ceiling_s, batch.worker_ceiling_clips = ceiling_s, ceiling_clips
+                    yield batch
 
     return TimedStream(*args, **kwargs)
 

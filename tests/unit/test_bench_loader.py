@@ -51,3 +51,9 @@ def test_the_paired_run_times_a_ceiling_for_every_crop_the_stream_decoded(shard_
     assert r["paired_ratio"] == pytest.approx(r["per_worker_cpu_s"] / r["ceiling"])
     lo, mid, hi = r["batch_ratios"]
     assert 0 < lo <= mid <= hi
+    # the timing wrapper lived in the worker only: this process's decoder is relret's own and nothing holds its clips
+    import relret.data
+    from relret import flac_crop
+
+    assert relret.data.read_flac_window is flac_crop.read_flac_window
+    assert loader_bench._DECODES_MADE == []
