@@ -28,12 +28,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # relret from this checkout, installed or not
 
-import relret  # noqa: F401  (compatibility step before hear21passt imports torchaudio/timm)
-from relret.models.attention import FusedAttention, checkpoint_passt_blocks
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import relret  # noqa: F401, E402  (compatibility step before hear21passt imports torchaudio/timm)
+from relret.models.attention import FusedAttention, checkpoint_passt_blocks  # noqa: E402
 
 MIB = 2**20
 

