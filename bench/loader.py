@@ -21,10 +21,10 @@ four things are timed, all cropping to --crop-s (30 s: data.crop_s's default):
   does: "crop from the shard"); `decode_flac_window` to float32 (the decode before int16 batches); the whole clip to
   float32 then a slice (`shard_format.decode_flac`: before crop decoding).
 - the stream paired with its ceiling (unless --no-paired): the same stream run again, each worker decoding every
-  batch's crops a second time, alone, from the clips' FLAC bytes it read into RAM before starting, before it yields
-  the batch (that CPU left out of the stream's); the stream and its ceiling are then timed in the same process,
-  batch after batch, under the same load, where the ceiling above is timed apart from the stream, in another
-  process, and its passes swing by up to a third on these machines.
+  batch's crops a second time, alone, from the clips' FLAC bytes in RAM (the ones the decodes above read, shared with
+  the forked workers), before it yields the batch (that CPU left out of the stream's); the stream and its ceiling are
+  then timed in the same process, batch after batch, under the same load, where the ceiling above is timed apart from
+  the stream, in another process, and its passes swing by up to a third on these machines.
 Printed ratios: stream per worker / ceiling (wall: what a worker delivers, sharing the cores with the other workers
 and this process), per worker CPU second / ceiling (what the rest of the stream costs besides the decode; the
 issue's target is 0.85), the same paired in the worker (the steady form of that ratio; also its range over single
@@ -182,20 +182,9 @@ def _timed_decodes():
         _DECODES_MADE.clear()
 
 
-def _flac_by_place(urls: list[str]) -> dict[tuple[str, int], bytes]:
-    """The FLAC bytes of every clip of these local shards, read into RAM, by (shard path, offset in the shard)."""
-    out = {}
-    for url in urls:
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                if m.isfile() and m.name.endswith("." + shard_format.AUDIO_EXT):
-                    out[(url, m.offset_data)] = tar.extractfile(m).read()
-    return out
-
-
 def _paired_ceiling(made: list[tuple], in_ram: dict[tuple[str, int], bytes], buffer: np.ndarray) -> tuple[float, int]:
     """The ceiling for crops the stream has just decoded, in the same worker: `flac_frames` + `read_flac_window` of
-    the same windows from the clips' FLAC bytes held in RAM since before the stream started (`_flac_by_place`), as
+    the same windows from the clips' FLAC bytes held in RAM (`in_ram`: by shard path and offset, see `by_place`), as
     `decode_rates` times its "pcm" pass. Returns the CPU seconds of this thread and the windows decoded."""
     t, decoded = time.thread_time(), 0
     for data, start, n in made:
@@ -207,11 +196,16 @@ def _paired_ceiling(made: list[tuple], in_ram: dict[tuple[str, int], bytes], buf
     return time.thread_time() - t, decoded
 
 
-def timed_stream(*args, paired: bool = False, **kwargs):
+def by_place(clips: list[tuple[bytes, int, TarMember]]) -> dict[tuple[str, int], bytes]:
+    """`flac_in_memory`'s FLAC bytes by where the stream's TarMembers say the clips lie: (shard path, offset)."""
+    return {(member.shard.path, member.offset): data for data, _, member in clips}
+
+
+def timed_stream(*args, in_ram: dict[tuple[str, int], bytes] | None = None, **kwargs):
     """relret.data.TrainStream whose batches carry the CPU seconds their worker process had used when it yielded
     them (`worker_cpu_s`: every thread of the worker, so sending the previous batch is included) and the part of them
-    spent decoding crops (`worker_decode_s`). With `paired`, the worker also decodes each batch's crops again, alone,
-    from the clips' bytes it read into RAM before the stream started, before yielding the batch (`_paired_ceiling`):
+    spent decoding crops (`worker_decode_s`). Given `in_ram` (`by_place`; a forked worker shares it), the worker also
+    decodes each batch's crops again, alone, from those bytes, before yielding the batch (`_paired_ceiling`):
     `worker_ceiling_s` and `worker_ceiling_clips` are that ceiling's CPU seconds and crops so far, and its CPU is
     left out of `worker_cpu_s`."""
     from relret.data import TrainStream
@@ -219,11 +213,10 @@ def timed_stream(*args, paired: bool = False, **kwargs):
     class TimedStream(TrainStream):
         def __iter__(self):
             buffer = np.empty(self.crop_samples, dtype=np.int16)
-            in_ram = _flac_by_place(self.urls) if paired else {}
             ceiling_s, ceiling_clips = 0.0, 0
             with _timed_decodes():  # in the process that iterates: the DataLoader worker
                 for batch in super().__iter__():
-                    if paired:
+                    if in_ram is not None:
                         spent, decoded = _paired_ceiling(_DECODES_MADE, in_ram, buffer)
                         ceiling_s, ceiling_clips = ceiling_s + spent, ceiling_clips + decoded
                     _DECODES_MADE.clear()
@@ -236,13 +229,19 @@ def timed_stream(*args, paired: bool = False, **kwargs):
 
 
 def stream_rate(
-    shard_dir: Path, crop_s: float, workers: int, batch: int, batches: int, args, paired: bool = False
+    shard_dir: Path,
+    crop_s: float,
+    workers: int,
+    batch: int,
+    batches: int,
+    args,
+    in_ram: dict[tuple[str, int], bytes] | None = None,
 ) -> dict:
     """Clips/s of the real training stream with `workers` DataLoader workers, over the batches after each worker's
     first (the workers' start and the shuffle buffer's fill are left out), and clips per worker CPU second over the
     same batches: the CPU each worker used between yielding its first and its last batch, for the batches in
-    between. With `paired` (see `timed_stream`), also the ceiling measured in the workers batch by batch over the
-    same batches: `paired_ratio` (clips per worker CPU second / the ceiling's clips per CPU second) and the range of
+    between. Given the clips' bytes `in_ram` (a paired run, see `timed_stream`), also the ceiling measured in the
+    workers batch by batch over the same batches: `paired_ratio` (clips per worker CPU second / the ceiling's clips per CPU second) and the range of
     that ratio over single batches; the wall-clock figures of such a run include the ceiling's work."""
     from relret.data import make_loader, open_shard_dir
 
@@ -261,7 +260,7 @@ def stream_rate(
         batch_size=batch,
         batches=batches + n_workers,
         start=None,
-        paired=paired,
+        in_ram=in_ram,
     )
     seen: dict[int, list] = {}
     t_first = None
@@ -280,6 +279,7 @@ def stream_rate(
         return sum(s[-1][column] - s[0][column] for s in seen.values())
 
     worker_cpu_s, decode_s, ceiling_s, ceiling_clips = spent(1), spent(2), spent(3), spent(4)
+    paired = in_ram is not None
     out = {
         "workers": workers,
         "paired": paired,
@@ -327,7 +327,7 @@ def bench_shape(root: Path, shape: str, n_clips: int, args: argparse.Namespace) 
         rates["pcm"] += decode_rates(clips, args.crop_s, "pcm", per_caption, 1)
     for w in args.workers if args.paired else ():
         if w:
-            streams.append(stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args, paired=True))
+            streams.append(stream_rate(shard_dir, args.crop_s, w, args.batch, args.batches, args, by_place(clips)))
     return {
         "shape": shape,
         "clip_s": statistics.mean(flac_frames(d) for d, _, _ in clips) / SR,

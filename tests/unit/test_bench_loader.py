@@ -25,10 +25,10 @@ def shard_dir(tmp_path_factory) -> Path:
 
 
 def test_the_bytes_in_ram_are_the_members_the_stream_reads(shard_dir):
-    """`_flac_by_place` finds every clip the stream lists, by the place its TarMember names, with the same bytes, so
-    the paired ceiling decodes the same windows of the same FLAC data from RAM."""
+    """`by_place` finds every clip the stream lists, by the place its TarMember names, with the same bytes, so the
+    paired ceiling decodes the same windows of the same FLAC data from RAM."""
     urls = open_shard_dir(str(shard_dir), 384).urls
-    in_ram = loader_bench._flac_by_place(urls)
+    in_ram = loader_bench.by_place(loader_bench.flac_in_memory(shard_dir))
     members = [raw["flac"] for url in urls for raw in _shard_samples(url, DamageCounter("test")) if "flac" in raw]
     assert len(members) == 6 and all(isinstance(m, TarMember) for m in members)
     assert len(in_ram) == 6
@@ -44,7 +44,8 @@ def test_the_paired_run_times_a_ceiling_for_every_crop_the_stream_decoded(shard_
     """Over the timed batches the workers decode the ceiling for exactly the stream's crops, and both rates are
     positive."""
     args = argparse.Namespace(prefetch_factor=2, epoch_unit="caption", shuffle_buffer=4)
-    r = loader_bench.stream_rate(shard_dir, 10.0, 1, batch=2, batches=3, args=args, paired=True)
+    in_ram = loader_bench.by_place(loader_bench.flac_in_memory(shard_dir))
+    r = loader_bench.stream_rate(shard_dir, 10.0, 1, batch=2, batches=3, args=args, in_ram=in_ram)
     assert r["clips"] == 6
     assert r["ceiling_clips"] == r["clips"]
     assert r["per_worker_cpu_s"] > 0 and r["ceiling"] > 0
